@@ -1,0 +1,737 @@
+# Copyright 2026 The siglip-navit authors. Licensed under the Apache License, Version 2.0.
+"""PyTorch SigLIP-NaViT: BAGEL's SigLIP vision tower over packed, variable-resolution patch sequences.
+
+Many images of different sizes go through ONE forward call: their 14x14 patches are concatenated into a
+`(total_patches, C*P*P)` tensor and `cu_seqlens` marks where each image starts, so attention never crosses
+an image boundary and nothing is padded. Parameter paths match BAGEL's checkpoint (`vit_model.` prefix
+stripped), so released weights load without key surgery.
+"""
+
+from dataclasses import dataclass
+from typing import Optional, Union
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers.activations import ACT2FN
+from transformers.modeling_outputs import BaseModelOutput
+from transformers.modeling_utils import PreTrainedModel
+
+from .configuration_siglip_navit import SiglipNaViTConfig
+
+# Optional kernels: imported inside `try` so that remote-code loading never requires them.
+try:
+    from flash_attn import flash_attn_varlen_func
+except ImportError:
+    flash_attn_varlen_func = None
+
+try:  # torch >= 2.10 on CUDA: flash-attention varlen kernel shipped with torch itself
+    from torch.nn.attention.varlen import varlen_attn
+except ImportError:
+    varlen_attn = None
+
+
+SUPPORTED_ATTN_IMPLEMENTATIONS = ("eager", "sdpa", "flash_attention_2")
+
+
+def conv2d_weight_to_linear(weight: torch.Tensor) -> torch.Tensor:
+    """Conv2d patch weight `(hidden, C, P, P)` -> Linear weight `(hidden, P*P*C)` (channel fastest)."""
+    hidden = weight.shape[0]
+    return weight.permute(0, 2, 3, 1).reshape(hidden, -1)
+
+
+def linear_weight_to_conv2d(weight: torch.Tensor, num_channels: int, patch_size: int) -> torch.Tensor:
+    """Exact inverse of `conv2d_weight_to_linear`: `(hidden, P*P*C)` -> `(hidden, C, P, P)`."""
+    hidden = weight.shape[0]
+    if weight.shape[1] != num_channels * patch_size * patch_size:
+        raise ValueError(
+            f"linear patch weight has {weight.shape[1]} input features, expected "
+            f"num_channels * patch_size**2 = {num_channels * patch_size * patch_size}"
+        )
+    return weight.reshape(hidden, patch_size, patch_size, num_channels).permute(0, 3, 1, 2).contiguous()
+
+
+class RotaryEmbedding2D(nn.Module):
+    """2D RoPE tables: one angle table for rows and one for columns of a (max_h x max_w) grid.
+
+    `cos_h[p]` / `sin_h[p]` hold the row angles of grid cell p (row-major, p = row * max_w + col), `cos_w`
+    / `sin_w` its column angles; each is `(max_h * max_w, dim)` with the usual `cat(freqs, freqs)` layout.
+    The tables are non-persistent buffers (never in a checkpoint) and are recomputed by `_init_weights`,
+    because transformers 5.x leaves non-persistent buffers uninitialised after a meta-device load.
+    """
+
+    def __init__(self, dim: int, max_h: int, max_w: int, base: float = 10000.0):
+        super().__init__()
+        self.dim = dim
+        self.max_h = max_h
+        self.max_w = max_w
+        self.base = base
+        cos_h, sin_h, cos_w, sin_w = self._compute_tables()
+        self.register_buffer("cos_h", cos_h, persistent=False)
+        self.register_buffer("sin_h", sin_h, persistent=False)
+        self.register_buffer("cos_w", cos_w, persistent=False)
+        self.register_buffer("sin_w", sin_w, persistent=False)
+
+    def _compute_tables(self, device: Optional[torch.device] = None) -> tuple[torch.Tensor, ...]:
+        inv_freq = 1.0 / (self.base ** (torch.arange(0, self.dim, 2, dtype=torch.int64, device=device).float() / self.dim))
+        grid_h = torch.arange(self.max_h, device=device, dtype=torch.float32)[:, None].expand(self.max_h, self.max_w)
+        grid_w = torch.arange(self.max_w, device=device, dtype=torch.float32)[None, :].expand(self.max_h, self.max_w)
+        tables = []
+        for grid in (grid_h, grid_w):
+            freqs = grid[..., None] * inv_freq  # (max_h, max_w, dim / 2)
+            emb = torch.cat((freqs, freqs), dim=-1).flatten(0, 1)  # (max_h * max_w, dim), row-major cells
+            tables += [emb.cos(), emb.sin()]
+        cos_h, sin_h, cos_w, sin_w = tables
+        return cos_h, sin_h, cos_w, sin_w
+
+    @torch.no_grad()
+    def reset_tables(self) -> None:
+        """Recompute the tables in place (on their current device and dtype)."""
+        if self.cos_h.device.type == "meta":
+            return
+        for name, table in zip(("cos_h", "sin_h", "cos_w", "sin_w"), self._compute_tables(self.cos_h.device)):
+            getattr(self, name).copy_(table)
+
+    def forward(self, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Gather `(cos_h, sin_h, cos_w, sin_w)`, each `(total_patches, dim)`, for flattened grid positions."""
+        return self.cos_h[position_ids], self.sin_h[position_ids], self.cos_w[position_ids], self.sin_w[position_ids]
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    """Rotates half the hidden dims of the input."""
+    x1 = x[..., : x.shape[-1] // 2]
+    x2 = x[..., x.shape[-1] // 2 :]
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def apply_rotary_pos_emb(
+    q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rotate packed `q`, `k` of shape `(total, heads, dim)` by per-token `cos`, `sin` of shape `(total, dim)`."""
+    cos = cos.unsqueeze(1)  # broadcast over heads
+    sin = sin.unsqueeze(1)
+    q_embed = (q * cos) + (rotate_half(q) * sin)
+    k_embed = (k * cos) + (rotate_half(k) * sin)
+    return q_embed, k_embed
+
+
+@dataclass
+class PackedSequences:
+    """Facts about one pack, computed once per forward and shared by every layer."""
+
+    cu_seqlens: torch.Tensor  # (num_images + 1,) int32 on the activations' device
+    max_seqlen: int
+    seq_bounds: Optional[list[tuple[int, int]]]  # host copy of the segments, for the per-image kernels
+    kernel: str  # "eager" | "sdpa" | "varlen" | "flash_attention_2"
+
+
+def _flash_attn_available(device: torch.device) -> bool:
+    """flash-attn is importable and the activations live on a CUDA device."""
+    return flash_attn_varlen_func is not None and device.type == "cuda"
+
+
+def select_attention_kernel(
+    attn_implementation: Optional[str], device: torch.device, dtype: torch.dtype, dropout: float
+) -> str:
+    """The ONE place that turns `config._attn_implementation` into the kernel used by every layer.
+
+    - `eager`: softmax(QK^T / sqrt(d)) V per image (the readable reference).
+    - `sdpa` (default, also for `None`): torch's varlen flash kernel on CUDA in fp16/bf16 when the installed
+      torch has it (and no attention dropout is active); otherwise SDPA once per image — never a
+      `(total x total)` mask.
+    - `flash_attention_2`: `flash_attn.flash_attn_varlen_func`; needs flash-attn and a CUDA device.
+    """
+    impl = "sdpa" if attn_implementation is None else attn_implementation
+    if impl == "eager":
+        return "eager"
+    if impl == "sdpa":
+        if varlen_attn is not None and device.type == "cuda" and dtype in (torch.float16, torch.bfloat16) and dropout == 0.0:
+            return "varlen"
+        return "sdpa"
+    if impl == "flash_attention_2":
+        if not _flash_attn_available(device):
+            raise ValueError(
+                "attn_implementation='flash_attention_2' needs the `flash-attn` package and a CUDA device "
+                f"(flash-attn importable: {flash_attn_varlen_func is not None}, device: {device}). "
+                "Install flash-attn on a CUDA machine, or use attn_implementation='sdpa' (default) or 'eager'."
+            )
+        return "flash_attention_2"
+    raise ValueError(
+        f"Unsupported attn_implementation {impl!r} for SigLIP-NaViT; supported: "
+        f"{', '.join(repr(name) for name in SUPPORTED_ATTN_IMPLEMENTATIONS)}."
+    )
+
+
+def packed_attention(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    packed: PackedSequences,
+    scale: float,
+    dropout: float = 0.0,
+) -> torch.Tensor:
+    """Variable-length, non-causal attention over a pack. q/k/v and the result are `(total, heads, head_dim)`."""
+    if packed.kernel == "flash_attention_2":
+        # flash-attn runs in half precision only: like upstream BAGEL, fp32 activations go through bf16.
+        kernel_dtype = query.dtype if query.dtype in (torch.float16, torch.bfloat16) else torch.bfloat16
+        out = flash_attn_varlen_func(
+            query.to(kernel_dtype),
+            key.to(kernel_dtype),
+            value.to(kernel_dtype),
+            cu_seqlens_q=packed.cu_seqlens,
+            cu_seqlens_k=packed.cu_seqlens,
+            max_seqlen_q=packed.max_seqlen,
+            max_seqlen_k=packed.max_seqlen,
+            dropout_p=dropout,
+            softmax_scale=scale,
+            causal=False,
+        )
+        return out.to(query.dtype)
+    if packed.kernel == "varlen":
+        return varlen_attn(
+            query, key, value, packed.cu_seqlens, packed.cu_seqlens, packed.max_seqlen, packed.max_seqlen, scale=scale
+        )
+
+    # Per-image loop. Heads go first once for the whole pack; each image is then a (1, heads, n, d) slice:
+    # SDPA picks its fused CPU kernel for 4-D inputs (3-D inputs fall back to the n x n math path).
+    q_all, k_all, v_all = (t.transpose(0, 1) for t in (query, key, value))
+    outputs = []
+    for start, end in packed.seq_bounds:
+        q, k, v = (t[None, :, start:end] for t in (q_all, k_all, v_all))
+        if packed.kernel == "sdpa":
+            out = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, scale=scale)
+        else:  # eager
+            weights = torch.matmul(q, k.transpose(-1, -2)) * scale
+            weights = F.softmax(weights, dim=-1, dtype=torch.float32).to(q.dtype)
+            weights = F.dropout(weights, p=dropout, training=dropout > 0.0)
+            out = torch.matmul(weights, v)
+        outputs.append(out[0])
+    return torch.cat(outputs, dim=1).transpose(0, 1)
+
+
+def prepare_packed_sequences(
+    config: SiglipNaViTConfig,
+    packed_pixel_values: torch.Tensor,
+    packed_flattened_position_ids: torch.Tensor,
+    cu_seqlens: torch.Tensor,
+    max_seqlen: Union[int, torch.Tensor],
+    image_grid_hw: Optional[torch.Tensor],
+    kernel: str,
+    validate_inputs: bool,
+) -> tuple[PackedSequences, torch.Tensor]:
+    """Check the pack once per forward and build the per-layer `PackedSequences`.
+
+    Shape and dtype checks are free. The value checks (cu_seqlens monotone and ending at the number of
+    patches, max_seqlen, position-id range, image_grid_hw agreement) read the index tensors on the host in
+    ONE transfer; on a GPU that is one device->host sync per forward. The per-image kernels (eager, and
+    sdpa off the CUDA varlen path) need the segment bounds on the host anyway. With `validate_inputs=False`
+    the value checks are skipped, and the varlen / flash paths then sync only if `max_seqlen` is a tensor.
+
+    Returns the `PackedSequences` and the position ids moved to the pixels' device.
+    """
+    x = packed_pixel_values
+    num_positions = config.num_patches_per_side**2
+    patch_dim = config.num_channels * config.patch_size**2
+
+    # --- free checks: types, ranks, dtypes, shapes --------------------------------------------------------
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"`packed_pixel_values` must be a torch.Tensor, got {type(x).__name__}.")
+    if x.dim() != 2 or x.shape[-1] != patch_dim:
+        raise ValueError(
+            f"`packed_pixel_values` must have shape (total_patches, num_channels * patch_size**2) = (N, {patch_dim}) "
+            f"(patches already flattened, channel fastest); got shape {tuple(x.shape)}."
+        )
+    if not x.is_floating_point():
+        raise TypeError(
+            f"`packed_pixel_values` must be a floating-point tensor (normalised pixels), got dtype {x.dtype}."
+        )
+    total = x.shape[0]
+    if total == 0:
+        raise ValueError("`packed_pixel_values` is an empty pack (0 patches): pass at least one image.")
+
+    def _index_tensor(name: str, value, ndim: int) -> torch.Tensor:
+        if not isinstance(value, torch.Tensor):
+            raise TypeError(f"`{name}` must be a torch.Tensor of integers, got {type(value).__name__}.")
+        if value.dim() != ndim or value.dtype.is_floating_point or value.dtype.is_complex or value.dtype == torch.bool:
+            raise TypeError(
+                f"`{name}` must be a {ndim}-D integer tensor, got a {value.dim()}-D tensor of dtype {value.dtype}."
+            )
+        return value.to(x.device)
+
+    position_ids = _index_tensor("packed_flattened_position_ids", packed_flattened_position_ids, 1)
+    if position_ids.shape[0] != total:
+        raise ValueError(
+            f"`packed_flattened_position_ids` must hold one id per patch: got {position_ids.shape[0]} ids "
+            f"for {total} patches."
+        )
+    cu = _index_tensor("cu_seqlens", cu_seqlens, 1)
+    if cu.shape[0] < 2:
+        raise ValueError(f"`cu_seqlens` must be [0, n1, n1+n2, ...] with at least 2 entries, got {cu.tolist()}.")
+    num_images = cu.shape[0] - 1
+    if isinstance(max_seqlen, torch.Tensor):
+        if max_seqlen.numel() != 1 or max_seqlen.dtype.is_floating_point or max_seqlen.dtype == torch.bool:
+            raise TypeError(
+                f"`max_seqlen` must be an int or a 0-d integer tensor, got a tensor of shape "
+                f"{tuple(max_seqlen.shape)} and dtype {max_seqlen.dtype}."
+            )
+    elif not isinstance(max_seqlen, int) or isinstance(max_seqlen, bool):
+        raise TypeError(f"`max_seqlen` must be an int or a 0-d integer tensor, got {type(max_seqlen).__name__}.")
+    if image_grid_hw is not None:
+        image_grid_hw = _index_tensor("image_grid_hw", image_grid_hw, 2)
+        if image_grid_hw.shape != (num_images, 2):
+            raise ValueError(
+                f"`image_grid_hw` must have shape (num_images, 2) = ({num_images}, 2) to match cu_seqlens, "
+                f"got {tuple(image_grid_hw.shape)}."
+            )
+
+    need_host_bounds = kernel in ("eager", "sdpa")
+    if not (validate_inputs or need_host_bounds):
+        max_len = int(max_seqlen)  # a tensor here costs one sync: flash/varlen take a host int
+        return PackedSequences(cu.to(torch.int32), max_len, None, kernel), position_ids
+
+    # --- value checks: one device->host transfer of every index we need ---------------------------------
+    parts = [cu.to(torch.int64)]
+    if validate_inputs:
+        parts.append(torch.stack(torch.aminmax(position_ids)).to(torch.int64))
+        if isinstance(max_seqlen, torch.Tensor):
+            parts.append(max_seqlen.reshape(1).to(device=x.device, dtype=torch.int64))
+        if image_grid_hw is not None:
+            parts.append(image_grid_hw.reshape(-1).to(torch.int64))
+    host = torch.cat(parts).tolist()
+    bounds_list, host = host[: num_images + 1], host[num_images + 1 :]
+    lengths = [end - start for start, end in zip(bounds_list[:-1], bounds_list[1:])]
+
+    if validate_inputs:
+        pos_min, pos_max, host = host[0], host[1], host[2:]
+        if isinstance(max_seqlen, torch.Tensor):
+            max_seqlen, host = host[0], host[1:]
+        if bounds_list[0] != 0:
+            raise ValueError(f"`cu_seqlens` must start at 0, got {bounds_list[:8]}...")
+        if any(n < 0 for n in lengths):
+            raise ValueError(f"`cu_seqlens` must be non-decreasing (cumulative patch counts), got {bounds_list}.")
+        if any(n == 0 for n in lengths):
+            raise ValueError(f"`cu_seqlens` has an empty image (two equal entries), got {bounds_list}.")
+        if bounds_list[-1] != total:
+            raise ValueError(
+                f"`cu_seqlens` must end at the number of patches ({total}), got {bounds_list[-1]} "
+                f"(cu_seqlens = {bounds_list})."
+            )
+        if max_seqlen < max(lengths):
+            raise ValueError(
+                f"`max_seqlen` ({max_seqlen}) is below the longest image in the pack ({max(lengths)} patches)."
+            )
+        if pos_min < 0 or pos_max >= num_positions:
+            raise ValueError(
+                f"`packed_flattened_position_ids` must lie in [0, {num_positions}) "
+                f"((image_size // patch_size)**2 grid cells), got values in [{pos_min}, {pos_max}]."
+            )
+        if image_grid_hw is not None:
+            side = config.num_patches_per_side
+            grid = list(zip(host[0::2], host[1::2]))
+            for i, ((h, w), n) in enumerate(zip(grid, lengths)):
+                if h * w != n:
+                    raise ValueError(
+                        f"`image_grid_hw[{i}]` = ({h}, {w}) gives {h * w} patches but cu_seqlens gives image {i} "
+                        f"{n} patches."
+                    )
+                if not (1 <= h <= side and 1 <= w <= side):
+                    raise ValueError(
+                        f"`image_grid_hw[{i}]` = ({h}, {w}) is outside the model's {side}x{side} patch grid "
+                        f"(image_size // patch_size per side)."
+                    )
+
+    bounds = list(zip(bounds_list[:-1], bounds_list[1:])) if need_host_bounds else None
+    return PackedSequences(cu.to(torch.int32), int(max_seqlen), bounds, kernel), position_ids
+
+
+class SiglipVisionEmbeddings(nn.Module):
+    """Patch embedding (+ learned position table when `rope=False`) for packed, pre-patchified pixels.
+
+    Built with a `Conv2d` (the upstream contract) and converted to the equivalent `Linear` by
+    `convert_conv2d_to_linear`; the forward takes the Linear layout `(total_patches, P*P*C)`.
+    """
+
+    def __init__(self, config: SiglipNaViTConfig):
+        super().__init__()
+        self.config = config
+        self.embed_dim = config.hidden_size
+        self.image_size = config.image_size
+        self.patch_size = config.patch_size
+
+        self.patch_embedding = nn.Conv2d(
+            in_channels=config.num_channels,
+            out_channels=self.embed_dim,
+            kernel_size=self.patch_size,
+            stride=self.patch_size,
+            padding="valid",
+        )
+
+        self.num_patches_per_side = self.image_size // self.patch_size
+        self.num_patches = self.num_patches_per_side**2
+        self.num_positions = self.num_patches
+        if not config.rope:
+            self.position_embedding = nn.Embedding(self.num_positions, self.embed_dim)
+
+    def convert_conv2d_to_linear(self, config: SiglipNaViTConfig, meta: bool = False) -> None:
+        """Swap the Conv2d patch embedding for the equivalent Linear, in place (no-op if already Linear).
+
+        `W_lin = W_conv.permute(0, 2, 3, 1).reshape(hidden, P*P*C)`; the bias is unchanged. With `meta=True`
+        (or when the conv lives on the meta device) the Linear is created on the meta device, without copying.
+        """
+        conv = self.patch_embedding
+        if isinstance(conv, nn.Linear):
+            return
+        in_features = config.num_channels * self.patch_size**2
+        on_meta = meta or conv.weight.device.type == "meta"
+        linear = nn.Linear(
+            in_features,
+            self.embed_dim,
+            bias=True,
+            device="meta" if on_meta else conv.weight.device,
+            dtype=conv.weight.dtype,
+        )
+        if not on_meta:
+            with torch.no_grad():
+                linear.weight.copy_(conv2d_weight_to_linear(conv.weight))
+                linear.bias.copy_(conv.bias)
+        self.patch_embedding = linear
+
+    def convert_linear_to_conv2d(self, config: SiglipNaViTConfig) -> None:
+        """Exact inverse of `convert_conv2d_to_linear`, for export to stock SigLIP (no-op if already Conv2d)."""
+        linear = self.patch_embedding
+        if isinstance(linear, nn.Conv2d):
+            return
+        conv = nn.Conv2d(
+            config.num_channels,
+            self.embed_dim,
+            kernel_size=self.patch_size,
+            stride=self.patch_size,
+            padding="valid",
+            device=linear.weight.device,
+            dtype=linear.weight.dtype,
+        )
+        if linear.weight.device.type != "meta":
+            with torch.no_grad():
+                conv.weight.copy_(linear_weight_to_conv2d(linear.weight, config.num_channels, self.patch_size))
+                conv.bias.copy_(linear.bias)
+        self.patch_embedding = conv
+
+    def forward(self, packed_pixel_values: torch.Tensor, packed_flattened_position_ids: torch.Tensor) -> torch.Tensor:
+        if not isinstance(self.patch_embedding, nn.Linear):
+            raise RuntimeError(
+                "The patch embedding is still a Conv2d: call `convert_conv2d_to_linear(config)` before a packed forward."
+            )
+        embeddings = self.patch_embedding(packed_pixel_values.to(self.patch_embedding.weight.dtype))
+        if not self.config.rope:
+            # Absolute positions: cell (row, col) of the 70x70 table is row * 70 + col, whatever the image width.
+            embeddings = embeddings + self.position_embedding(packed_flattened_position_ids)
+        return embeddings
+
+
+class SiglipAttention(nn.Module):
+    """Multi-head self-attention over a pack; images never attend to each other."""
+
+    def __init__(self, config: SiglipNaViTConfig):
+        super().__init__()
+        self.config = config
+        self.embed_dim = config.hidden_size
+        self.num_heads = config.num_attention_heads
+        self.head_dim = self.embed_dim // self.num_heads
+        self.scale = self.head_dim**-0.5
+        self.dropout = config.attention_dropout
+        self.is_causal = False
+
+        self.k_proj = nn.Linear(self.embed_dim, self.embed_dim)
+        self.v_proj = nn.Linear(self.embed_dim, self.embed_dim)
+        self.q_proj = nn.Linear(self.embed_dim, self.embed_dim)
+        self.out_proj = nn.Linear(self.embed_dim, self.embed_dim)
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        packed: PackedSequences,
+        position_embeddings: Optional[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]] = None,
+    ) -> torch.Tensor:
+        total = hidden_states.shape[0]
+        shape = (total, self.num_heads, self.head_dim)
+        query = self.q_proj(hidden_states).view(shape)
+        key = self.k_proj(hidden_states).view(shape)
+        value = self.v_proj(hidden_states).view(shape)
+
+        if position_embeddings is not None:
+            # 2D RoPE: the first half of every head rotates with the patch's row, the second with its column.
+            cos_h, sin_h, cos_w, sin_w = (t.to(query.dtype) for t in position_embeddings)
+            half = self.head_dim // 2
+            q_h, k_h = apply_rotary_pos_emb(query[..., :half], key[..., :half], cos_h, sin_h)
+            q_w, k_w = apply_rotary_pos_emb(query[..., half:], key[..., half:], cos_w, sin_w)
+            query = torch.cat([q_h, q_w], dim=-1)
+            key = torch.cat([k_h, k_w], dim=-1)
+
+        dropout = self.dropout if self.training else 0.0
+        attn_output = packed_attention(query, key, value, packed, scale=self.scale, dropout=dropout)
+        return self.out_proj(attn_output.reshape(total, self.embed_dim))
+
+
+# Upstream's name for the packed flash-attention subclass. Here one class serves every backend (chosen by
+# `config._attn_implementation`), so the name is an alias with the same parameters.
+SiglipFlashAttention2 = SiglipAttention
+
+
+class SiglipMLP(nn.Module):
+    def __init__(self, config: SiglipNaViTConfig):
+        super().__init__()
+        self.config = config
+        self.activation_fn = ACT2FN[config.hidden_act]
+        self.fc1 = nn.Linear(config.hidden_size, config.intermediate_size)
+        self.fc2 = nn.Linear(config.intermediate_size, config.hidden_size)
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        hidden_states = self.fc1(hidden_states)
+        hidden_states = self.activation_fn(hidden_states)
+        hidden_states = self.fc2(hidden_states)
+        return hidden_states
+
+
+class SiglipEncoderLayer(nn.Module):
+    def __init__(self, config: SiglipNaViTConfig):
+        super().__init__()
+        self.embed_dim = config.hidden_size
+        self.layer_norm1 = nn.LayerNorm(self.embed_dim, eps=config.layer_norm_eps)
+        self.self_attn = SiglipAttention(config)
+        self.layer_norm2 = nn.LayerNorm(self.embed_dim, eps=config.layer_norm_eps)
+        self.mlp = SiglipMLP(config)
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        packed: PackedSequences,
+        position_embeddings: Optional[tuple[torch.Tensor, ...]] = None,
+    ) -> torch.Tensor:
+        residual = hidden_states
+        hidden_states = self.layer_norm1(hidden_states)
+        hidden_states = self.self_attn(hidden_states, packed, position_embeddings)
+        hidden_states = residual + hidden_states
+
+        residual = hidden_states
+        hidden_states = self.layer_norm2(hidden_states)
+        hidden_states = self.mlp(hidden_states)
+        return residual + hidden_states
+
+
+class SiglipEncoder(nn.Module):
+    """Stack of `config.num_hidden_layers` encoder layers over one pack."""
+
+    def __init__(self, config: SiglipNaViTConfig):
+        super().__init__()
+        self.config = config
+        self.layers = nn.ModuleList([SiglipEncoderLayer(config) for _ in range(config.num_hidden_layers)])
+        self.gradient_checkpointing = False
+
+    def forward(
+        self,
+        inputs_embeds: torch.Tensor,
+        packed: PackedSequences,
+        position_embeddings: Optional[tuple[torch.Tensor, ...]] = None,
+        output_hidden_states: bool = False,
+    ) -> BaseModelOutput:
+        hidden_states = inputs_embeds
+        all_hidden_states = (hidden_states,) if output_hidden_states else None
+        for layer in self.layers:
+            if self.gradient_checkpointing and self.training:
+                # positional arguments only: reentrant checkpointing does not forward kwargs
+                hidden_states = self._gradient_checkpointing_func(
+                    layer.__call__, hidden_states, packed, position_embeddings
+                )
+            else:
+                hidden_states = layer(hidden_states, packed, position_embeddings)
+            if output_hidden_states:
+                all_hidden_states = all_hidden_states + (hidden_states,)
+        return BaseModelOutput(last_hidden_state=hidden_states, hidden_states=all_hidden_states)
+
+
+class SiglipVisionTransformer(nn.Module):
+    """Embeddings -> encoder -> post-layernorm over a pack. Returns a plain tensor by default (upstream contract)."""
+
+    def __init__(self, config: SiglipNaViTConfig):
+        super().__init__()
+        self.config = config
+        self.embeddings = SiglipVisionEmbeddings(config)
+        if config.rope:
+            side = config.num_patches_per_side
+            head_dim = config.hidden_size // config.num_attention_heads
+            self.rope = RotaryEmbedding2D(head_dim // 2, side, side)
+        self.encoder = SiglipEncoder(config)
+        self.post_layernorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+
+    def forward(
+        self,
+        packed_pixel_values: torch.Tensor,
+        packed_flattened_position_ids: torch.Tensor,
+        cu_seqlens: torch.Tensor,
+        max_seqlen: Union[int, torch.Tensor],
+        image_grid_hw: Optional[torch.Tensor] = None,
+        output_hidden_states: bool = False,
+        return_dict: bool = False,
+        validate_inputs: bool = True,
+    ) -> Union[torch.Tensor, BaseModelOutput]:
+        r"""
+        packed_pixel_values (`torch.Tensor` of shape `(total_patches, num_channels * patch_size**2)`):
+            Every image's patches, concatenated image after image; each patch flattened (row, col, channel),
+            channel fastest. Cast to the model's dtype; must be on the model's device.
+        packed_flattened_position_ids (`torch.LongTensor` of shape `(total_patches,)`):
+            Grid cell of each patch, `row * (image_size // patch_size) + col`.
+        cu_seqlens (`torch.IntTensor` of shape `(num_images + 1,)`):
+            `[0, n1, n1 + n2, ...]`: where each image starts in the pack.
+        max_seqlen (`int` or 0-d integer tensor):
+            Patches in the longest image (an upper bound is accepted).
+        image_grid_hw (`torch.LongTensor` of shape `(num_images, 2)`, *optional*):
+            Patch rows and columns of each image; only used to validate the pack.
+        output_hidden_states (`bool`): also return the packed input of every layer and the last layer's
+            output (before post-layernorm).
+        return_dict (`bool`): return a `BaseModelOutput` instead of the bare `last_hidden_state`.
+        validate_inputs (`bool`, defaults to `True`): check the index tensors' values; this reads them on the
+            host (one device->host sync per forward on a GPU). Turn off for CUDA-graph / sync-free loops.
+        """
+        kernel = select_attention_kernel(
+            self.config._attn_implementation,
+            packed_pixel_values.device,
+            self.embeddings.patch_embedding.weight.dtype,
+            self.config.attention_dropout if self.training else 0.0,
+        )
+        weight = self.embeddings.patch_embedding.weight
+        if (
+            isinstance(packed_pixel_values, torch.Tensor)
+            and weight.device.type != "meta"
+            and packed_pixel_values.device != weight.device
+        ):
+            raise ValueError(
+                f"`packed_pixel_values` is on {packed_pixel_values.device} but the model is on {weight.device}: "
+                "move the inputs first (e.g. `inputs.to(model.device)`)."
+            )
+        packed, position_ids = prepare_packed_sequences(
+            self.config,
+            packed_pixel_values,
+            packed_flattened_position_ids,
+            cu_seqlens,
+            max_seqlen,
+            image_grid_hw,
+            kernel,
+            validate_inputs,
+        )
+
+        hidden_states = self.embeddings(packed_pixel_values, position_ids)
+        position_embeddings = self.rope(position_ids) if self.config.rope else None
+        encoder_outputs = self.encoder(hidden_states, packed, position_embeddings, output_hidden_states)
+        last_hidden_state = self.post_layernorm(encoder_outputs.last_hidden_state)
+        if not return_dict:
+            return last_hidden_state
+        return BaseModelOutput(last_hidden_state=last_hidden_state, hidden_states=encoder_outputs.hidden_states)
+
+
+class SiglipPreTrainedModel(PreTrainedModel):
+    config_class = SiglipNaViTConfig
+    config: SiglipNaViTConfig
+    base_model_prefix = "siglip"
+    main_input_name = "packed_pixel_values"
+    supports_gradient_checkpointing = True
+    _no_split_modules = ["SiglipVisionEmbeddings", "SiglipEncoderLayer"]
+    _supports_sdpa = True
+    _supports_flash_attn_2 = True  # read by transformers 4.x
+    _supports_flash_attn = True  # read by transformers 5.x
+    # upstream BAGEL stored the RoPE tables persistently; they are recomputed here, never loaded
+    _keys_to_ignore_on_load_unexpected = [r"rope\.(cos|sin)_[hw]$"]
+
+    def _init_weights(self, module: nn.Module) -> None:
+        """Initialise one module's OWN parameters (transformers 5.x skips containers whose leaves are loaded)."""
+        if isinstance(module, RotaryEmbedding2D):
+            module.reset_tables()
+        elif isinstance(module, (nn.Linear, nn.Conv2d)):
+            nn.init.xavier_uniform_(module.weight)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            nn.init.normal_(module.weight, std=module.embedding_dim**-0.5)
+        elif isinstance(module, nn.LayerNorm):
+            nn.init.ones_(module.weight)
+            nn.init.zeros_(module.bias)
+
+
+class SiglipVisionModel(SiglipPreTrainedModel):
+    """BAGEL's SigLIP vision tower (stored at `vit_model` in BAGEL). Takes a pack, returns packed features."""
+
+    def __init__(self, config: SiglipNaViTConfig):
+        super().__init__(config)
+        self.vision_model = SiglipVisionTransformer(config)
+        # Released checkpoints store the Linear layout: convert before any weights are loaded.
+        convert_conv2d_to_linear(self, config)
+        self.post_init()
+
+    def get_input_embeddings(self) -> nn.Module:
+        return self.vision_model.embeddings.patch_embedding
+
+    def forward(
+        self,
+        packed_pixel_values: torch.Tensor,
+        packed_flattened_position_ids: torch.Tensor,
+        cu_seqlens: torch.Tensor,
+        max_seqlen: Union[int, torch.Tensor],
+        image_grid_hw: Optional[torch.Tensor] = None,
+        output_hidden_states: Optional[bool] = None,
+        return_dict: Optional[bool] = None,
+        validate_inputs: bool = True,
+    ) -> Union[BaseModelOutput, tuple]:
+        r"""
+        Encode a pack of images. Arguments as in `SiglipVisionTransformer.forward` (the processor returns them).
+
+        Returns a `BaseModelOutput`: `last_hidden_state` is `(total_patches, hidden_size)` after
+        post-layernorm, packed like the input; `hidden_states` (if asked) holds `num_hidden_layers + 1` packed
+        tensors (embeddings, then each layer's output). Upstream returned the bare tensor: BAGEL code that
+        swaps this model in adds `.last_hidden_state`.
+        """
+        if output_hidden_states is None:
+            output_hidden_states = bool(getattr(self.config, "output_hidden_states", False))
+        if return_dict is None:
+            return_dict = bool(getattr(self.config, "return_dict", True))
+        outputs = self.vision_model(
+            packed_pixel_values,
+            packed_flattened_position_ids,
+            cu_seqlens,
+            max_seqlen,
+            image_grid_hw=image_grid_hw,
+            output_hidden_states=output_hidden_states,
+            return_dict=True,
+            validate_inputs=validate_inputs,
+        )
+        return outputs if return_dict else outputs.to_tuple()
+
+
+def convert_conv2d_to_linear(vit_model: SiglipVisionModel, config: SiglipNaViTConfig, meta: bool = False) -> None:
+    """Module-level helper (BAGEL's scripts call it): `vit_model.vision_model.embeddings.convert_conv2d_to_linear`."""
+    vit_model.vision_model.embeddings.convert_conv2d_to_linear(config, meta=meta)
+
+
+def convert_linear_to_conv2d(vit_model: SiglipVisionModel, config: SiglipNaViTConfig) -> None:
+    """Inverse helper, for export: `vit_model.vision_model.embeddings.convert_linear_to_conv2d`."""
+    vit_model.vision_model.embeddings.convert_linear_to_conv2d(config)
+
+
+SiglipVisionModel.register_for_auto_class("AutoModel")
+
+__all__ = [
+    "RotaryEmbedding2D",
+    "rotate_half",
+    "apply_rotary_pos_emb",
+    "SiglipVisionEmbeddings",
+    "SiglipAttention",
+    "SiglipFlashAttention2",
+    "SiglipMLP",
+    "SiglipEncoderLayer",
+    "SiglipEncoder",
+    "SiglipVisionTransformer",
+    "SiglipPreTrainedModel",
+    "SiglipVisionModel",
+    "convert_conv2d_to_linear",
+    "convert_linear_to_conv2d",
+    "conv2d_weight_to_linear",
+    "linear_weight_to_conv2d",
+]
