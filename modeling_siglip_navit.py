@@ -216,10 +216,11 @@ def prepare_packed_sequences(
     cu_seqlens: torch.Tensor,
     max_seqlen: Union[int, torch.Tensor],
     image_grid_hw: Optional[torch.Tensor],
-    kernel: str,
+    model_weight: torch.Tensor,
+    dropout: float,
     validate_inputs: bool,
 ) -> tuple[PackedSequences, torch.Tensor]:
-    """Check the pack once per forward and build the per-layer `PackedSequences`.
+    """Check the pack once per forward, pick the attention kernel, and build the per-layer `PackedSequences`.
 
     Shape and dtype checks are free. The value checks (cu_seqlens monotone and ending at the number of
     patches, max_seqlen, position-id range, image_grid_hw agreement) read the index tensors on the host in
@@ -248,6 +249,12 @@ def prepare_packed_sequences(
     total = x.shape[0]
     if total == 0:
         raise ValueError("`packed_pixel_values` is an empty pack (0 patches): pass at least one image.")
+    if model_weight.device.type != "meta" and x.device != model_weight.device:
+        raise ValueError(
+            f"`packed_pixel_values` is on {x.device} but the model is on {model_weight.device}: "
+            "move the inputs first (e.g. `inputs.to(model.device)`)."
+        )
+    kernel = select_attention_kernel(config._attn_implementation, x.device, model_weight.dtype, dropout)
 
     def _index_tensor(name: str, value, ndim: int) -> torch.Tensor:
         if not isinstance(value, torch.Tensor):
@@ -592,22 +599,6 @@ class SiglipVisionTransformer(nn.Module):
         validate_inputs (`bool`, defaults to `True`): check the index tensors' values; this reads them on the
             host (one device->host sync per forward on a GPU). Turn off for CUDA-graph / sync-free loops.
         """
-        kernel = select_attention_kernel(
-            self.config._attn_implementation,
-            packed_pixel_values.device,
-            self.embeddings.patch_embedding.weight.dtype,
-            self.config.attention_dropout if self.training else 0.0,
-        )
-        weight = self.embeddings.patch_embedding.weight
-        if (
-            isinstance(packed_pixel_values, torch.Tensor)
-            and weight.device.type != "meta"
-            and packed_pixel_values.device != weight.device
-        ):
-            raise ValueError(
-                f"`packed_pixel_values` is on {packed_pixel_values.device} but the model is on {weight.device}: "
-                "move the inputs first (e.g. `inputs.to(model.device)`)."
-            )
         packed, position_ids = prepare_packed_sequences(
             self.config,
             packed_pixel_values,
@@ -615,7 +606,8 @@ class SiglipVisionTransformer(nn.Module):
             cu_seqlens,
             max_seqlen,
             image_grid_hw,
-            kernel,
+            self.embeddings.patch_embedding.weight,
+            self.config.attention_dropout if self.training else 0.0,
             validate_inputs,
         )
 

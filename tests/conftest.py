@@ -10,7 +10,7 @@ import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-REMOTE_CODE_FILES = ["configuration_siglip_navit.py", "modeling_siglip_navit.py"]
+REMOTE_CODE_FILES = ["configuration_siglip_navit.py", "modeling_siglip_navit.py", "image_processing_siglip_navit.py"]
 
 # The remote-code files use relative imports (as the Hub's loader expects): expose the repo root as a
 # package named `siglip_navit` so tests can import them directly too.
@@ -52,7 +52,7 @@ def randomize_(model: torch.nn.Module, seed: int = 0, scale: float = 0.2) -> tor
     return model
 
 
-def make_model(config=None, attn="eager", seed: int = 0, **overrides):
+def make_model(config=None, attn="sdpa", seed: int = 0, **overrides):
     config = config if config is not None else tiny_config(**overrides)
     config._attn_implementation = attn
     model = model_mod.SiglipVisionModel(config)
@@ -97,3 +97,8 @@ def copy_remote_code(target: Path) -> Path:
 @pytest.fixture
 def tiny():
     return tiny_config
+
+
+TRANSFORMERS_MAJOR = int(__import__("transformers").__version__.split(".")[0])
+# transformers 5.x renamed from_pretrained's `torch_dtype=` to `dtype=` (the old name warns there).
+DTYPE_KWARG = "dtype" if TRANSFORMERS_MAJOR >= 5 else "torch_dtype"

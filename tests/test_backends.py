@@ -1,0 +1,142 @@
+"""Attention backends: one place decides; eager/sdpa on CPU; the flash-attn and torch-varlen call contracts."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import make_model, make_pack, model_mod, tiny_config
+
+GRIDS = [(6, 6), (2, 5), (1, 1)]
+
+
+def test_default_backend_is_sdpa_when_built_directly():
+    config = tiny_config()
+    model = model_mod.SiglipVisionModel(config)
+    assert model.config._attn_implementation == "sdpa"
+    assert model_mod.select_attention_kernel(None, torch.device("cpu"), torch.float32, 0.0) == "sdpa"
+
+
+def test_model_declares_backend_support_flags():
+    cls = model_mod.SiglipVisionModel
+    assert cls._supports_sdpa is True
+    assert cls._supports_flash_attn_2 is True  # transformers 4.x
+    assert cls._supports_flash_attn is True  # transformers 5.x
+    assert set(cls._no_split_modules) == {"SiglipVisionEmbeddings", "SiglipEncoderLayer"}
+
+
+@pytest.mark.parametrize("attn, sdpa_calls", [("eager", 0), ("sdpa", 2 * len(GRIDS))])
+def test_backend_really_used(monkeypatch, attn, sdpa_calls):
+    calls = []
+    real_sdpa = F.scaled_dot_product_attention
+
+    def spy(*args, **kwargs):
+        calls.append(args[0].shape)
+        return real_sdpa(*args, **kwargs)
+
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", spy)
+    config = tiny_config()
+    model = make_model(config, attn=attn)
+    with torch.no_grad():
+        model(**make_pack(GRIDS, config))
+    assert len(calls) == sdpa_calls
+    if calls:  # one 4-D (1, heads, n, d) call per image and layer, never a (total x total) problem
+        assert all(len(shape) == 4 and shape[0] == 1 for shape in calls)
+        assert max(shape[2] for shape in calls) == 36
+
+
+@pytest.mark.parametrize("name", ["flex_attention", "paged|eager", "kernels-community/flash-attn", "sdpa_paged", "Eager"])
+def test_unsupported_backend_names_are_a_value_error(name):
+    config = tiny_config()
+    model = make_model(config)
+    model.config._attn_implementation = name
+    with pytest.raises(ValueError, match=r"Unsupported attn_implementation.*'eager', 'sdpa', 'flash_attention_2'"):
+        model(**make_pack(GRIDS, config))
+
+
+def test_flash_attention_without_flash_attn_is_a_clear_error():
+    config = tiny_config()
+    model = make_model(config)
+    model.config._attn_implementation = "flash_attention_2"
+    with pytest.raises(ValueError, match=r"flash_attention_2.*flash-attn.*CUDA"):
+        model(**make_pack(GRIDS, config))
+
+
+def test_kernel_selection_on_cuda(monkeypatch):
+    cuda = torch.device("cuda")
+    monkeypatch.setattr(model_mod, "varlen_attn", lambda *a, **k: None)
+    assert model_mod.select_attention_kernel("sdpa", cuda, torch.bfloat16, 0.0) == "varlen"
+    assert model_mod.select_attention_kernel("sdpa", cuda, torch.float16, 0.0) == "varlen"
+    assert model_mod.select_attention_kernel("sdpa", cuda, torch.float32, 0.0) == "sdpa"  # varlen is half-only
+    assert model_mod.select_attention_kernel("sdpa", cuda, torch.bfloat16, 0.1) == "sdpa"  # varlen has no dropout
+    assert model_mod.select_attention_kernel("sdpa", torch.device("cpu"), torch.bfloat16, 0.0) == "sdpa"
+    assert model_mod.select_attention_kernel("eager", cuda, torch.bfloat16, 0.0) == "eager"
+    monkeypatch.setattr(model_mod, "varlen_attn", None)  # an older torch
+    assert model_mod.select_attention_kernel("sdpa", cuda, torch.bfloat16, 0.0) == "sdpa"
+
+
+def segment_reference(q, k, v, cu, scale):
+    """fp32 per-segment attention for (total, heads, d) inputs."""
+    out = torch.empty_like(q, dtype=torch.float32)
+    for s, e in zip(cu[:-1].tolist(), cu[1:].tolist()):
+        qs, ks, vs = (t[s:e].float().transpose(0, 1) for t in (q, k, v))
+        out[s:e] = (torch.softmax(qs @ ks.transpose(-1, -2) * scale, -1) @ vs).transpose(0, 1)
+    return out
+
+
+def test_flash_attention_2_call_contract(monkeypatch):
+    """flash-attn cannot be installed here: check the exact call the model makes, with a stand-in kernel."""
+    config = tiny_config(rope=True)
+    model = make_model(config, attn="eager")
+    pack = make_pack(GRIDS, config)
+    with torch.no_grad():
+        reference = model(**pack).last_hidden_state
+
+    calls = []
+
+    def fake_flash_attn_varlen_func(q, k, v, *, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p,
+                                    softmax_scale, causal):  # fmt: skip
+        calls.append(dict(q=q, k=k, v=v, cu_q=cu_seqlens_q, cu_k=cu_seqlens_k, max_q=max_seqlen_q,
+                          max_k=max_seqlen_k, dropout_p=dropout_p, scale=softmax_scale, causal=causal))  # fmt: skip
+        return segment_reference(q, k, v, cu_seqlens_q, softmax_scale).to(q.dtype)
+
+    monkeypatch.setattr(model_mod, "flash_attn_varlen_func", fake_flash_attn_varlen_func)
+    monkeypatch.setattr(model_mod, "_flash_attn_available", lambda device: True)
+    model.config._attn_implementation = "flash_attention_2"
+    with torch.no_grad():
+        got = model(**pack).last_hidden_state
+
+    total = pack["packed_pixel_values"].shape[0]
+    head_dim = config.hidden_size // config.num_attention_heads
+    assert len(calls) == config.num_hidden_layers
+    for call in calls:
+        for t in ("q", "k", "v"):
+            assert call[t].dtype == torch.bfloat16  # fp32 model -> bf16 kernel, as upstream
+            assert call[t].shape == (total, config.num_attention_heads, head_dim)
+        for cu in (call["cu_q"], call["cu_k"]):
+            assert cu.dtype == torch.int32 and cu.device == call["q"].device
+            assert cu.tolist() == pack["cu_seqlens"].tolist()
+        assert call["max_q"] == call["max_k"] == 36 and isinstance(call["max_q"], int)
+        assert call["causal"] is False
+        assert call["dropout_p"] == 0.0
+        assert call["scale"] == pytest.approx(head_dim**-0.5)
+    assert got.dtype == torch.float32  # result cast back
+    cos = F.cosine_similarity(got.flatten(), reference.flatten(), dim=0).item()
+    assert cos >= 0.9999
+    assert (got - reference).abs().max().item() <= 5e-2
+
+
+def test_torch_varlen_call_contract(monkeypatch):
+    """The CUDA varlen path: (total, heads, d) q/k/v, int32 cu_seqlens, host-int max_seqlen, explicit scale."""
+    calls = []
+
+    def fake_varlen(q, k, v, cu_q, cu_k, max_q, max_k, *, scale=None):
+        calls.append((cu_q, cu_k, max_q, max_k, scale))
+        return segment_reference(q, k, v, cu_q, scale).to(q.dtype)
+
+    monkeypatch.setattr(model_mod, "varlen_attn", fake_varlen)
+    q, k, v = (torch.randn(47, 4, 8) for _ in range(3))
+    cu = torch.tensor([0, 36, 46, 47], dtype=torch.int32)
+    packed = model_mod.PackedSequences(cu_seqlens=cu, max_seqlen=36, seq_bounds=None, kernel="varlen")
+    out = model_mod.packed_attention(q, k, v, packed, scale=8**-0.5)
+    loop = model_mod.PackedSequences(cu, 36, [(0, 36), (36, 46), (46, 47)], "sdpa")
+    torch.testing.assert_close(out, model_mod.packed_attention(q, k, v, loop, scale=8**-0.5))
+    assert calls == [(cu, cu, 36, 36, 8**-0.5)]
