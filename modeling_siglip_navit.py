@@ -107,7 +107,7 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
 def apply_rotary_pos_emb(
     q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Rotate packed `q`, `k` of shape `(total, heads, dim)` by per-token `cos`, `sin` of shape `(total, dim)`."""
+    """Rotate packed `q`, `k` of shape `(total, heads, ...)` by per-token `cos`, `sin` of shape `(total, ...)`."""
     cos = cos.unsqueeze(1)  # broadcast over heads
     sin = sin.unsqueeze(1)
     q_embed = (q * cos) + (rotate_half(q) * sin)
@@ -121,7 +121,9 @@ class PackedSequences:
 
     cu_seqlens: torch.Tensor  # (num_images + 1,) int32 on the activations' device
     max_seqlen: int
-    seq_bounds: Optional[list[tuple[int, int]]]  # host copy of the segments, for the per-image kernels
+    # host copy of the segments for the per-image kernels, as runs of equal-length neighbours:
+    # (start, length, count) = `count` images of `length` patches each, starting at patch `start`
+    runs: Optional[list[tuple[int, int, int]]]
     kernel: str  # "eager" | "sdpa" | "varlen" | "flash_attention_2"
 
 
@@ -192,12 +194,16 @@ def packed_attention(
             query, key, value, packed.cu_seqlens, packed.cu_seqlens, packed.max_seqlen, packed.max_seqlen, scale=scale
         )
 
-    # Per-image loop. Heads go first once for the whole pack; each image is then a (1, heads, n, d) slice:
-    # SDPA picks its fused CPU kernel for 4-D inputs (3-D inputs fall back to the n x n math path).
+    # Per-image kernels. Heads go first once for the whole pack; a run of `count` equal-length neighbours is one
+    # (count, heads, n, d) strided view, so equal-size images share one call. SDPA picks its fused CPU kernel
+    # for 4-D inputs (3-D inputs fall back to the n x n math path). Each result is written straight into the
+    # (total, heads, d) output, which the out-projection then reads without another copy.
     q_all, k_all, v_all = (t.transpose(0, 1) for t in (query, key, value))
-    outputs = []
-    for start, end in packed.seq_bounds:
-        q, k, v = (t[None, :, start:end] for t in (q_all, k_all, v_all))
+    output = torch.empty_like(query)
+    heads, head_dim = query.shape[1], query.shape[2]
+    for start, length, count in packed.runs:
+        end = start + length * count
+        q, k, v = (t[:, start:end].view(heads, count, length, head_dim).transpose(0, 1) for t in (q_all, k_all, v_all))
         if packed.kernel == "sdpa":
             out = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, scale=scale)
         else:  # eager
@@ -205,8 +211,8 @@ def packed_attention(
             weights = F.softmax(weights, dim=-1, dtype=torch.float32).to(q.dtype)
             weights = F.dropout(weights, p=dropout, training=dropout > 0.0)
             out = torch.matmul(weights, v)
-        outputs.append(out[0])
-    return torch.cat(outputs, dim=1).transpose(0, 1)
+        output[start:end].view(count, length, heads, head_dim).copy_(out.transpose(1, 2))
+    return output
 
 
 def prepare_packed_sequences(
@@ -347,8 +353,15 @@ def prepare_packed_sequences(
                         f"(image_size // patch_size per side)."
                     )
 
-    bounds = list(zip(bounds_list[:-1], bounds_list[1:])) if need_host_bounds else None
-    return PackedSequences(cu.to(torch.int32), int(max_seqlen), bounds, kernel), position_ids
+    runs = None
+    if need_host_bounds:
+        runs = []
+        for start, length in zip(bounds_list[:-1], lengths):
+            if runs and runs[-1][1] == length:
+                runs[-1] = (runs[-1][0], length, runs[-1][2] + 1)
+            else:
+                runs.append((start, length, 1))
+    return PackedSequences(cu.to(torch.int32), int(max_seqlen), runs, kernel), position_ids
 
 
 class SiglipVisionEmbeddings(nn.Module):
@@ -457,7 +470,7 @@ class SiglipAttention(nn.Module):
         self,
         hidden_states: torch.Tensor,
         packed: PackedSequences,
-        position_embeddings: Optional[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]] = None,
+        position_embeddings: Optional[tuple[torch.Tensor, torch.Tensor]] = None,
     ) -> torch.Tensor:
         total = hidden_states.shape[0]
         shape = (total, self.num_heads, self.head_dim)
@@ -466,13 +479,12 @@ class SiglipAttention(nn.Module):
         value = self.v_proj(hidden_states).view(shape)
 
         if position_embeddings is not None:
-            # 2D RoPE: the first half of every head rotates with the patch's row, the second with its column.
-            cos_h, sin_h, cos_w, sin_w = (t.to(query.dtype) for t in position_embeddings)
-            half = self.head_dim // 2
-            q_h, k_h = apply_rotary_pos_emb(query[..., :half], key[..., :half], cos_h, sin_h)
-            q_w, k_w = apply_rotary_pos_emb(query[..., half:], key[..., half:], cos_w, sin_w)
-            query = torch.cat([q_h, q_w], dim=-1)
-            key = torch.cat([k_h, k_w], dim=-1)
+            # 2D RoPE: view each head as (row half, column half) so one rotate-half rotation handles both;
+            # cos/sin are (total, 2, head_dim / 2): [:, 0] the row angles, [:, 1] the column angles.
+            cos, sin = position_embeddings
+            halves = (total, self.num_heads, 2, self.head_dim // 2)
+            query, key = apply_rotary_pos_emb(query.view(halves), key.view(halves), cos, sin)
+            query, key = query.view(shape), key.view(shape)
 
         dropout = self.dropout if self.training else 0.0
         attn_output = packed_attention(query, key, value, packed, scale=self.scale, dropout=dropout)
@@ -512,7 +524,7 @@ class SiglipEncoderLayer(nn.Module):
         self,
         hidden_states: torch.Tensor,
         packed: PackedSequences,
-        position_embeddings: Optional[tuple[torch.Tensor, ...]] = None,
+        position_embeddings: Optional[tuple[torch.Tensor, torch.Tensor]] = None,
     ) -> torch.Tensor:
         residual = hidden_states
         hidden_states = self.layer_norm1(hidden_states)
@@ -538,7 +550,7 @@ class SiglipEncoder(nn.Module):
         self,
         inputs_embeds: torch.Tensor,
         packed: PackedSequences,
-        position_embeddings: Optional[tuple[torch.Tensor, ...]] = None,
+        position_embeddings: Optional[tuple[torch.Tensor, torch.Tensor]] = None,
         output_hidden_states: bool = False,
     ) -> BaseModelOutput:
         hidden_states = inputs_embeds
@@ -612,7 +624,12 @@ class SiglipVisionTransformer(nn.Module):
         )
 
         hidden_states = self.embeddings(packed_pixel_values, position_ids)
-        position_embeddings = self.rope(position_ids) if self.config.rope else None
+        position_embeddings = None
+        if self.config.rope:
+            # gathered once per forward for all layers: (total, 2, head_dim / 2) = (row angles, column angles)
+            cos_h, sin_h, cos_w, sin_w = self.rope(position_ids)
+            dtype = hidden_states.dtype
+            position_embeddings = (torch.stack([cos_h, cos_w], dim=1).to(dtype), torch.stack([sin_h, sin_w], dim=1).to(dtype))
         encoder_outputs = self.encoder(hidden_states, packed, position_embeddings, output_hidden_states)
         last_hidden_state = self.post_layernorm(encoder_outputs.last_hidden_state)
         if not return_dict:

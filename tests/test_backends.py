@@ -43,6 +43,23 @@ def test_backend_really_used(monkeypatch, attn, sdpa_calls):
         assert max(shape[2] for shape in calls) == 36
 
 
+def test_equal_length_neighbours_share_one_sdpa_call(monkeypatch):
+    calls = []
+    real_sdpa = F.scaled_dot_product_attention
+
+    def spy(*args, **kwargs):
+        calls.append(tuple(args[0].shape))
+        return real_sdpa(*args, **kwargs)
+
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", spy)
+    config = tiny_config(num_hidden_layers=1)
+    model = make_model(config)
+    with torch.no_grad():
+        model(**make_pack([(2, 5), (5, 2), (1, 1), (3, 3), (1, 1)], config))
+    # (2,5)+(5,2) share a call; the two single patches are not neighbours
+    assert calls == [(2, 4, 10, 8), (1, 4, 1, 8), (1, 4, 9, 8), (1, 4, 1, 8)]
+
+
 @pytest.mark.parametrize("name", ["flex_attention", "paged|eager", "kernels-community/flash-attn", "sdpa_paged", "Eager"])
 def test_unsupported_backend_names_are_a_value_error(name):
     config = tiny_config()
@@ -135,8 +152,8 @@ def test_torch_varlen_call_contract(monkeypatch):
     monkeypatch.setattr(model_mod, "varlen_attn", fake_varlen)
     q, k, v = (torch.randn(47, 4, 8) for _ in range(3))
     cu = torch.tensor([0, 36, 46, 47], dtype=torch.int32)
-    packed = model_mod.PackedSequences(cu_seqlens=cu, max_seqlen=36, seq_bounds=None, kernel="varlen")
+    packed = model_mod.PackedSequences(cu_seqlens=cu, max_seqlen=36, runs=None, kernel="varlen")
     out = model_mod.packed_attention(q, k, v, packed, scale=8**-0.5)
-    loop = model_mod.PackedSequences(cu, 36, [(0, 36), (36, 46), (46, 47)], "sdpa")
+    loop = model_mod.PackedSequences(cu, 36, [(0, 36, 1), (36, 10, 1), (46, 1, 1)], "sdpa")
     torch.testing.assert_close(out, model_mod.packed_attention(q, k, v, loop, scale=8**-0.5))
     assert calls == [(cu, cu, 36, 36, 8**-0.5)]

@@ -138,8 +138,9 @@ def test_contract1_matches_stock_siglip_on_native_grid(attn):
 
 # ---- contract 2: packing is invisible --------------------------------------------------------------------------
 
-# full native grid, non-square, a single patch, a tall strip
-GRIDS = [(6, 6), (2, 5), (1, 1), (5, 1)]
+# full native grid, non-square, its transpose (same length: batched into one kernel call), single patches
+# (again equal neighbours), a tall strip
+GRIDS = [(6, 6), (2, 5), (5, 2), (1, 1), (1, 1), (5, 1)]
 
 
 def run_single_images(model, pack, grids):
