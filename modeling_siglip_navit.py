@@ -190,9 +190,9 @@ def packed_attention(
         )
         return out.to(query.dtype)
     if packed.kernel == "varlen":
-        return varlen_attn(
-            query, key, value, packed.cu_seqlens, packed.cu_seqlens, packed.max_seqlen, packed.max_seqlen, scale=scale
-        )
+        # Positional arguments only: the keywords changed between torch 2.10 and 2.13 (is_causal -> window_size,
+        # `scale` added). Non-causal is the default, and so is scale = head_dim ** -0.5, which is ours.
+        return varlen_attn(query, key, value, packed.cu_seqlens, packed.cu_seqlens, packed.max_seqlen, packed.max_seqlen)
 
     # Per-image kernels. Heads go first once for the whole pack; a run of `count` equal-length neighbours is one
     # (count, heads, n, d) strided view, so equal-size images share one call. SDPA picks its fused CPU kernel

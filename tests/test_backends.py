@@ -142,12 +142,12 @@ def test_flash_attention_2_call_contract(monkeypatch):
 
 
 def test_torch_varlen_call_contract(monkeypatch):
-    """The CUDA varlen path: (total, heads, d) q/k/v, int32 cu_seqlens, host-int max_seqlen, explicit scale."""
+    """The CUDA varlen path: (total, heads, d) q/k/v, int32 cu_seqlens, host-int max_seqlen, default scale."""
     calls = []
 
-    def fake_varlen(q, k, v, cu_q, cu_k, max_q, max_k, *, scale=None):
-        calls.append((cu_q, cu_k, max_q, max_k, scale))
-        return segment_reference(q, k, v, cu_q, scale).to(q.dtype)
+    def fake_varlen(q, k, v, cu_q, cu_k, max_q, max_k, **kwargs):  # torch's defaults: non-causal, 1/sqrt(d)
+        calls.append((cu_q, cu_k, max_q, max_k, kwargs))
+        return segment_reference(q, k, v, cu_q, q.shape[-1] ** -0.5).to(q.dtype)
 
     monkeypatch.setattr(model_mod, "varlen_attn", fake_varlen)
     q, k, v = (torch.randn(47, 4, 8) for _ in range(3))
@@ -156,4 +156,4 @@ def test_torch_varlen_call_contract(monkeypatch):
     out = model_mod.packed_attention(q, k, v, packed, scale=8**-0.5)
     loop = model_mod.PackedSequences(cu, 36, [(0, 36, 1), (36, 10, 1), (46, 1, 1)], "sdpa")
     torch.testing.assert_close(out, model_mod.packed_attention(q, k, v, loop, scale=8**-0.5))
-    assert calls == [(cu, cu, 36, 36, 8**-0.5)]
+    assert calls == [(cu, cu, 36, 36, {})]

@@ -1,0 +1,260 @@
+"""Packed-forward benchmark on CPU against the peers, run in the same process; prints markdown tables of ratios.
+
+    .venv/bin/python benchmarks/bench_forward.py [--layers 2] [--repeats 5] [--skip-compile]
+
+Shapes: the real so400m width (hidden 1152, 16 heads, MLP 4304, patch 14, 980 px grid), fp32, depth reduced
+to --layers so one run takes about a minute. Timings are medians of --repeats runs, peers interleaved run by
+run (A B A B ...) so drifting machine load hits both sides alike. Sections:
+  1. one native 980x980 image (4900 patches): ours (sdpa) vs stock transformers SiglipVisionModel (sdpa)
+  2. a mixed pack [4900, 1024, 2304, 576]: ours packed vs ours image by image vs Siglip2VisionModel (NaFlex)
+     on the same images padded to one batch with its attention mask
+  3. achieved FLOP rate of 2. (analytic: linear layers + attention) vs this machine's torch.matmul fp32 rate
+  4. bf16 vs fp32 on this CPU: time ratio and max|diff|
+  5. peak memory of 2. and the largest tensor any op allocates (vs total x total)
+  6. torch.compile of the model: graph breaks and time ratio
+"""
+
+import argparse
+import gc
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+import transformers
+from torch.utils._python_dispatch import TorchDispatchMode
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "tests"))
+from conftest import cfg_mod, model_mod  # noqa: E402  (imports the remote-code files as a package)
+
+HIDDEN, HEADS, MLP, PATCH, IMAGE = 1152, 16, 4304, 14, 980
+SIDE = IMAGE // PATCH
+MIXED_GRIDS = [(70, 70), (32, 32), (48, 48), (24, 24)]  # 4900 + 1024 + 2304 + 576 = 8804 patches
+
+
+def timeit(fns: dict, repeats: int) -> dict:
+    """Median seconds per callable; one warm-up each, then the callables interleaved run by run."""
+    for fn in fns.values():
+        fn()
+    times = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
+def build_models(layers: int):
+    torch.manual_seed(0)
+    config = cfg_mod.SiglipNaViTConfig(
+        hidden_size=HIDDEN, intermediate_size=MLP, num_attention_heads=HEADS, num_hidden_layers=layers,
+        patch_size=PATCH, image_size=IMAGE, rope=False,
+    )  # fmt: skip
+    config._attn_implementation = "sdpa"
+    ours = model_mod.SiglipVisionModel(config).eval()
+
+    stock_config = transformers.SiglipVisionConfig(
+        hidden_size=HIDDEN, intermediate_size=MLP, num_attention_heads=HEADS, num_hidden_layers=layers,
+        patch_size=PATCH, image_size=IMAGE, vision_use_head=False,
+    )  # fmt: skip
+    stock_config._attn_implementation = "sdpa"
+    stock = transformers.SiglipVisionModel(stock_config).eval()
+    state = {}
+    for key, value in stock.state_dict().items():  # same weights in both (conv -> linear layout)
+        key = key.removeprefix("vision_model.")
+        if key.endswith("position_ids"):
+            continue
+        if key == "embeddings.patch_embedding.weight":
+            value = model_mod.conv2d_weight_to_linear(value)
+        state["vision_model." + key] = value
+    ours.load_state_dict(state)
+    return config, ours, stock
+
+
+def make_pack(grids, gen):
+    pixels, positions, lengths = [], [], []
+    for h, w in grids:
+        pixels.append(torch.randn(h * w, 3 * PATCH * PATCH, generator=gen))
+        positions.append((torch.arange(h)[:, None] * SIDE + torch.arange(w)[None, :]).flatten())
+        lengths.append(h * w)
+    cu = torch.tensor([0] + torch.tensor(lengths).cumsum(0).tolist(), dtype=torch.int32)
+    return dict(packed_pixel_values=torch.cat(pixels), packed_flattened_position_ids=torch.cat(positions),
+                cu_seqlens=cu, max_seqlen=max(lengths))  # fmt: skip
+
+
+def split_pack(pack, grids):
+    singles, start = [], 0
+    for h, w in grids:
+        n = h * w
+        singles.append(dict(
+            packed_pixel_values=pack["packed_pixel_values"][start : start + n],
+            packed_flattened_position_ids=pack["packed_flattened_position_ids"][start : start + n],
+            cu_seqlens=torch.tensor([0, n], dtype=torch.int32), max_seqlen=n,
+        ))  # fmt: skip
+        start += n
+    return singles
+
+
+def analytic_flops(lengths, layers: int) -> float:
+    """Multiply-adds x 2 of the linear layers (q, k, v, out, fc1, fc2, patch embedding) and attention (QK^T, AV)."""
+    total = sum(lengths)
+    linear = 2 * total * (4 * HIDDEN * HIDDEN + 2 * HIDDEN * MLP)
+    attention = sum(2 * 2 * n * n * HIDDEN for n in lengths)
+    return layers * (linear + attention) + 2 * total * 3 * PATCH * PATCH * HIDDEN
+
+
+def matmul_rate(total: int, repeats: int) -> float:
+    """torch.matmul fp32 FLOP/s on the layer's own linear shapes (no bias, no activation): the machine's ceiling."""
+    x = torch.randn(total, HIDDEN)
+    w_qkv = torch.randn(HIDDEN, HIDDEN)
+    w_up, w_down = torch.randn(HIDDEN, MLP), torch.randn(MLP, HIDDEN)
+    h = torch.randn(total, MLP)
+
+    def run():
+        for _ in range(4):
+            torch.matmul(x, w_qkv)
+        torch.matmul(x, w_up)
+        torch.matmul(h, w_down)
+
+    seconds = timeit({"mm": run}, repeats)["mm"]
+    return 2 * total * (4 * HIDDEN * HIDDEN + 2 * HIDDEN * MLP) / seconds
+
+
+class LargestAllocation(TorchDispatchMode):
+    """Records the largest tensor any op returns (proof that no (total x total) score matrix is built)."""
+
+    def __init__(self):
+        super().__init__()
+        self.numel, self.shape, self.op = 0, None, None
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in out if isinstance(out, (tuple, list)) else (out,):
+            if isinstance(t, torch.Tensor) and t.numel() > self.numel:
+                self.numel, self.shape, self.op = t.numel(), tuple(t.shape), str(func)
+        return out
+
+
+def rss_peak_bytes() -> int:
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--layers", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--skip-compile", action="store_true")
+    args = parser.parse_args(argv)
+    torch.set_grad_enabled(False)
+    gen = torch.Generator().manual_seed(0)
+    config, ours, stock = build_models(args.layers)
+    print(f"torch {torch.__version__}, transformers {transformers.__version__}, {torch.get_num_threads()} threads; "
+          f"so400m width (hidden {HIDDEN}, {HEADS} heads, MLP {MLP}), {args.layers} layers, fp32, "
+          f"median of {args.repeats}\n")  # fmt: skip
+
+    # 1. one native image --------------------------------------------------------------------------------------
+    image = torch.randn(1, 3, IMAGE, IMAGE, generator=gen)
+    native = make_pack([(SIDE, SIDE)], gen)
+    native["packed_pixel_values"] = image[0].reshape(3, SIDE, PATCH, SIDE, PATCH).permute(1, 3, 2, 4, 0).reshape(-1, 588)
+    diff = (ours(**native).last_hidden_state - stock(pixel_values=image).last_hidden_state[0]).abs().max().item()
+    t = timeit({"stock": lambda: stock(pixel_values=image), "ours": lambda: ours(**native)}, args.repeats)
+    print("### 1. One 980x980 image (4900 patches)\n")
+    print("| model | time / stock | max abs diff vs stock |\n| --- | --- | --- |")
+    print(f"| transformers SiglipVisionModel (sdpa) | 1.00 | - |")
+    print(f"| ours (sdpa, packed API) | {t['ours'] / t['stock']:.3f} | {diff:.1e} |  \n")
+
+    # 2. mixed pack -----------------------------------------------------------------------------------------------
+    pack = make_pack(MIXED_GRIDS, gen)
+    singles = split_pack(pack, MIXED_GRIDS)
+    lengths = [h * w for h, w in MIXED_GRIDS]
+    siglip2_config = transformers.Siglip2VisionConfig(
+        hidden_size=HIDDEN, intermediate_size=MLP, num_attention_heads=HEADS, num_hidden_layers=args.layers,
+        patch_size=PATCH, num_patches=SIDE * SIDE, vision_use_head=False,
+    )  # fmt: skip
+    siglip2_config._attn_implementation = "sdpa"
+    siglip2 = transformers.Siglip2VisionModel(siglip2_config).eval()
+    longest = max(lengths)
+    padded = torch.zeros(len(lengths), longest, 3 * PATCH * PATCH)
+    mask = torch.zeros(len(lengths), longest, dtype=torch.long)
+    for i, single in enumerate(singles):
+        padded[i, : lengths[i]] = single["packed_pixel_values"]
+        mask[i, : lengths[i]] = 1
+    shapes = torch.tensor(MIXED_GRIDS)
+    t = timeit({
+        "packed": lambda: ours(**pack),
+        "single": lambda: [ours(**s) for s in singles],
+        "siglip2": lambda: siglip2(pixel_values=padded, pixel_attention_mask=mask, spatial_shapes=shapes),
+    }, args.repeats)  # fmt: skip
+    flops_packed = analytic_flops(lengths, args.layers)
+    flops_padded = analytic_flops([longest] * len(lengths), args.layers)
+    print(f"### 2. Mixed pack {lengths} ({sum(lengths)} patches)\n")
+    print("| run | time / ours packed | analytic GFLOP |\n| --- | --- | --- |")
+    print(f"| ours, one packed forward | 1.00 | {flops_packed / 1e9:.0f} |")
+    print(f"| ours, image by image | {t['single'] / t['packed']:.2f} | {flops_packed / 1e9:.0f} |")
+    print(f"| Siglip2VisionModel (NaFlex), padded batch + mask | {t['siglip2'] / t['packed']:.2f} | "
+          f"{flops_padded / 1e9:.0f} |\n")  # fmt: skip
+
+    # 3. FLOP rate ------------------------------------------------------------------------------------------------
+    achieved = flops_packed / t["packed"]
+    ceiling = matmul_rate(sum(lengths), args.repeats)
+    print("### 3. Achieved FLOP rate of the packed forward\n")
+    print("| | GFLOP/s | share of matmul |\n| --- | --- | --- |")
+    print(f"| torch.matmul fp32 on the layer's linear shapes | {ceiling / 1e9:.0f} | 100% |")
+    print(f"| ours, mixed pack (linear + attention FLOPs) | {achieved / 1e9:.0f} | {100 * achieved / ceiling:.0f}% |\n")
+
+    # 4. bf16 -----------------------------------------------------------------------------------------------------
+    reference = ours(**pack).last_hidden_state
+    ours_bf16 = model_mod.SiglipVisionModel(config).eval()
+    ours_bf16.load_state_dict(ours.state_dict())
+    ours_bf16.to(torch.bfloat16)
+    bf16_out = ours_bf16(**pack).last_hidden_state.float()
+    t = timeit({"fp32": lambda: ours(**pack), "bf16": lambda: ours_bf16(**pack)}, max(2, args.repeats // 2))
+    cos = torch.nn.functional.cosine_similarity(bf16_out.flatten(), reference.flatten(), dim=0).item()
+    print("### 4. bf16 on this CPU (mixed pack)\n")
+    print("| dtype | time / fp32 | max abs diff vs fp32 | cosine vs fp32 |\n| --- | --- | --- | --- |")
+    print(f"| fp32 | 1.00 | - | - |")
+    print(f"| bf16 | {t['bf16'] / t['fp32']:.2f} | {(bf16_out - reference).abs().max().item():.2e} | {cos:.6f} |\n")
+    del ours_bf16, bf16_out
+    gc.collect()
+
+    # 5. memory ---------------------------------------------------------------------------------------------------
+    total = sum(lengths)
+    before = rss_peak_bytes()
+    with LargestAllocation() as largest:
+        ours(**pack)
+    print("### 5. Memory (mixed pack)\n")
+    print("| | value |\n| --- | --- |")
+    print(f"| process peak RSS after the runs above | {rss_peak_bytes() / 2**30:.2f} GiB (before section 5: {before / 2**30:.2f} GiB) |")
+    print(f"| largest tensor any op returned | {largest.shape} = {largest.numel / 1e6:.1f} M elements ({largest.op}) |")
+    print(f"| a (total x total) score matrix would be | ({total}, {total}) = {total * total / 1e6:.1f} M elements per head |")
+    print(f"| largest / (total x total) | {largest.numel / (total * total):.3f} |\n")
+
+    # 6. torch.compile --------------------------------------------------------------------------------------------
+    if not args.skip_compile:
+        from torch import _dynamo
+
+        _dynamo.reset()
+        explanation = _dynamo.explain(ours)(**pack)
+        compiled = torch.compile(ours)
+        start = time.perf_counter()
+        compiled_out = compiled(**pack).last_hidden_state
+        compile_seconds = time.perf_counter() - start
+        t = timeit({"eager": lambda: ours(**pack), "compiled": lambda: compiled(**pack)}, max(2, args.repeats // 2))
+        print("### 6. torch.compile (mixed pack)\n")
+        print("| | value |\n| --- | --- |")
+        print(f"| graphs / graph breaks | {explanation.graph_count} / {explanation.graph_break_count} |")
+        for reason in explanation.break_reasons[:5]:
+            print(f"| break reason | {str(reason.reason).splitlines()[0][:120]} |")
+        print(f"| first call (compile) | {compile_seconds:.0f} s |")
+        print(f"| compiled time / eager time | {t['compiled'] / t['eager']:.2f} |")
+        print(f"| max abs diff compiled vs eager | {(compiled_out - reference).abs().max().item():.1e} |\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
