@@ -16,7 +16,6 @@ run (A B A B ...) so drifting machine load hits both sides alike. Sections:
 
 import argparse
 import gc
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -29,22 +28,12 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
 from conftest import cfg_mod, model_mod  # noqa: E402  (imports the remote-code files as a package)
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import interleaved_medians  # noqa: E402
+
 HIDDEN, HEADS, MLP, PATCH, IMAGE = 1152, 16, 4304, 14, 980
 SIDE = IMAGE // PATCH
 MIXED_GRIDS = [(70, 70), (32, 32), (48, 48), (24, 24)]  # 4900 + 1024 + 2304 + 576 = 8804 patches
-
-
-def timeit(fns: dict, repeats: int) -> dict:
-    """Median seconds per callable; one warm-up each, then the callables interleaved run by run."""
-    for fn in fns.values():
-        fn()
-    times = {name: [] for name in fns}
-    for _ in range(repeats):
-        for name, fn in fns.items():
-            start = time.perf_counter()
-            fn()
-            times[name].append(time.perf_counter() - start)
-    return {name: statistics.median(t) for name, t in times.items()}
 
 
 def build_models(layers: int):
@@ -119,7 +108,7 @@ def matmul_rate(total: int, repeats: int) -> float:
         torch.matmul(x, w_up)
         torch.matmul(h, w_down)
 
-    seconds = timeit({"mm": run}, repeats)["mm"]
+    seconds = interleaved_medians({"mm": run}, repeats)["mm"]
     return 2 * total * (4 * HIDDEN * HIDDEN + 2 * HIDDEN * MLP) / seconds
 
 
@@ -162,10 +151,10 @@ def main(argv=None) -> int:
     native = make_pack([(SIDE, SIDE)], gen)
     native["packed_pixel_values"] = image[0].reshape(3, SIDE, PATCH, SIDE, PATCH).permute(1, 3, 2, 4, 0).reshape(-1, 588)
     diff = (ours(**native).last_hidden_state - stock(pixel_values=image).last_hidden_state[0]).abs().max().item()
-    t = timeit({"stock": lambda: stock(pixel_values=image), "ours": lambda: ours(**native)}, args.repeats)
+    t = interleaved_medians({"stock": lambda: stock(pixel_values=image), "ours": lambda: ours(**native)}, args.repeats)
     print("### 1. One 980x980 image (4900 patches)\n")
     print("| model | time / stock | max abs diff vs stock |\n| --- | --- | --- |")
-    print(f"| transformers SiglipVisionModel (sdpa) | 1.00 | - |")
+    print("| transformers SiglipVisionModel (sdpa) | 1.00 | - |")
     print(f"| ours (sdpa, packed API) | {t['ours'] / t['stock']:.3f} | {diff:.1e} |  \n")
 
     # 2. mixed pack -----------------------------------------------------------------------------------------------
@@ -185,7 +174,7 @@ def main(argv=None) -> int:
         padded[i, : lengths[i]] = single["packed_pixel_values"]
         mask[i, : lengths[i]] = 1
     shapes = torch.tensor(MIXED_GRIDS)
-    t = timeit({
+    t = interleaved_medians({
         "packed": lambda: ours(**pack),
         "single": lambda: [ours(**s) for s in singles],
         "siglip2": lambda: siglip2(pixel_values=padded, pixel_attention_mask=mask, spatial_shapes=shapes),
@@ -213,13 +202,13 @@ def main(argv=None) -> int:
     ours_bf16.load_state_dict(ours.state_dict())
     ours_bf16.to(torch.bfloat16)
     bf16_out = ours_bf16(**pack).last_hidden_state.float()
-    t = timeit({"fp32": lambda: ours(**pack), "bf16": lambda: ours_bf16(**pack)}, max(2, args.repeats // 2))
+    t = interleaved_medians({"fp32": lambda: ours(**pack), "bf16": lambda: ours_bf16(**pack)}, max(2, args.repeats // 2))
     cos = torch.nn.functional.cosine_similarity(bf16_out.flatten(), reference.flatten(), dim=0).item()
     print("### 4. bf16 on this CPU (mixed pack)\n")
     print("| dtype | time / fp32 | max abs diff vs fp32 | cosine vs fp32 |\n| --- | --- | --- | --- |")
-    print(f"| fp32 | 1.00 | - | - |")
+    print("| fp32 | 1.00 | - | - |")
     print(f"| bf16 | {t['bf16'] / t['fp32']:.2f} | {(bf16_out - reference).abs().max().item():.2e} | {cos:.6f} |\n")
-    del ours_bf16, bf16_out
+    ours_bf16 = bf16_out = None  # free before the memory section
     gc.collect()
 
     # 5. memory ---------------------------------------------------------------------------------------------------
@@ -244,7 +233,7 @@ def main(argv=None) -> int:
         start = time.perf_counter()
         compiled_out = compiled(**pack).last_hidden_state
         compile_seconds = time.perf_counter() - start
-        t = timeit({"eager": lambda: ours(**pack), "compiled": lambda: compiled(**pack)}, max(2, args.repeats // 2))
+        t = interleaved_medians({"eager": lambda: ours(**pack), "compiled": lambda: compiled(**pack)}, max(2, args.repeats // 2))
         print("### 6. torch.compile (mixed pack)\n")
         print("| | value |\n| --- | --- |")
         print(f"| graphs / graph breaks | {explanation.graph_count} / {explanation.graph_break_count} |")

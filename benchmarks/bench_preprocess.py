@@ -10,9 +10,7 @@ the median over `--repeats` calls of one batch (after one warm-up call), the con
 
 import argparse
 import platform
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -22,6 +20,8 @@ import torch
 import transformers
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import interleaved_medians  # noqa: E402
 from image_processing_siglip_navit import SiglipNaViTImageProcessor, bagel_resize_size  # noqa: E402
 
 # (width, height): phone photos (4032x3024, both orientations), DSLR / screen / web sizes
@@ -49,20 +49,6 @@ def stock_siglip_processor():
     return cls(size={"height": 980, "width": 980}, resample=PIL.Image.BICUBIC)
 
 
-def timed(fns: dict, repeats: int) -> dict:
-    """Median seconds per call of each function; the calls are interleaved (round robin), so drifting load on a
-    shared machine affects every contender alike."""
-    for fn in fns.values():
-        fn()  # warm-up
-    times = {name: [] for name in fns}
-    for _ in range(repeats):
-        for name, fn in fns.items():
-            start = time.perf_counter()
-            fn()
-            times[name].append(time.perf_counter() - start)
-    return {name: statistics.median(values) for name, values in times.items()}
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=5)
@@ -79,7 +65,7 @@ def main() -> None:
     stock_out = stock(images=images, return_tensors="pt")
     targets = [bagel_resize_size(*image.size) for image in images]
 
-    t = timed(
+    t = interleaved_medians(
         {
             "ours": lambda: ours(images=images, return_tensors="pt"),
             "stock": lambda: stock(images=images, return_tensors="pt"),

@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 import transformers
-from conftest import cfg_mod, make_model, make_pack, model_mod, positions_for, randomize_, tiny_config
+from conftest import cfg_mod, make_model, make_pack, model_mod, randomize_, tiny_config
 
 BACKENDS = ["eager", "sdpa"]
 TOL = 1e-5
