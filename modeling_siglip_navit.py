@@ -197,10 +197,11 @@ def packed_attention(
     # Per-image kernels. Heads go first once for the whole pack; a run of `count` equal-length neighbours is one
     # (count, heads, n, d) strided view, so equal-size images share one call. SDPA picks its fused CPU kernel
     # for 4-D inputs (3-D inputs fall back to the n x n math path). Each result is written straight into the
-    # (total, heads, d) output, which the out-projection then reads without another copy.
+    # (total, heads, d) output, which the out-projection then reads without another copy; a pack that is a
+    # single run (one image, or images all of one size) needs no output buffer at all.
     q_all, k_all, v_all = (t.transpose(0, 1) for t in (query, key, value))
-    output = torch.empty_like(query)
     heads, head_dim = query.shape[1], query.shape[2]
+    output = torch.empty_like(query) if len(packed.runs) > 1 else None
     for start, length, count in packed.runs:
         end = start + length * count
         q, k, v = (t[:, start:end].view(heads, count, length, head_dim).transpose(0, 1) for t in (q_all, k_all, v_all))
@@ -211,7 +212,10 @@ def packed_attention(
             weights = F.softmax(weights, dim=-1, dtype=torch.float32).to(q.dtype)
             weights = F.dropout(weights, p=dropout, training=dropout > 0.0)
             out = torch.matmul(weights, v)
-        output[start:end].view(count, length, heads, head_dim).copy_(out.transpose(1, 2))
+        out = out.transpose(1, 2)  # (count, length, heads, head_dim)
+        if output is None:
+            return out.reshape(query.shape)  # a view when the kernel wrote (count, length, heads, d) memory
+        output[start:end].view(count, length, heads, head_dim).copy_(out)
     return output
 
 

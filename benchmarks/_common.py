@@ -5,8 +5,8 @@ import time
 from typing import Callable
 
 
-def interleaved_medians(fns: dict[str, Callable[[], object]], repeats: int) -> dict[str, float]:
-    """Median seconds per call of each function, after one warm-up call each. The calls are interleaved (round
+def interleaved_times(fns: dict[str, Callable[[], object]], repeats: int) -> dict[str, list[float]]:
+    """Seconds of `repeats` calls of each function, after one warm-up call each. The calls are interleaved (round
     robin), so drifting load on a shared machine affects every contender alike."""
     for fn in fns.values():
         fn()
@@ -16,4 +16,9 @@ def interleaved_medians(fns: dict[str, Callable[[], object]], repeats: int) -> d
             start = time.perf_counter()
             fn()
             times[name].append(time.perf_counter() - start)
-    return {name: statistics.median(values) for name, values in times.items()}
+    return times
+
+
+def interleaved_medians(fns: dict[str, Callable[[], object]], repeats: int) -> dict[str, float]:
+    """Median seconds per call of each function (see `interleaved_times`)."""
+    return {name: statistics.median(t) for name, t in interleaved_times(fns, repeats).items()}
