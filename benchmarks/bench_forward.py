@@ -134,9 +134,13 @@ class LargestAllocation(TorchDispatchMode):
 
 
 def rss_peak_bytes() -> int:
-    import resource
-
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    """This process's peak RSS (VmHWM). Not getrusage's ru_maxrss: on Linux that carries over from the parent across
+    fork + exec, so a child started by a big process would report the parent's peak."""
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError("no VmHWM in /proc/self/status")
 
 
 def main(argv=None) -> int:
