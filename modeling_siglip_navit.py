@@ -73,7 +73,8 @@ class RotaryEmbedding2D(nn.Module):
         self.register_buffer("sin_w", sin_w, persistent=False)
 
     def _compute_tables(self, device: Optional[torch.device] = None) -> tuple[torch.Tensor, ...]:
-        inv_freq = 1.0 / (self.base ** (torch.arange(0, self.dim, 2, dtype=torch.int64, device=device).float() / self.dim))
+        exponents = torch.arange(0, self.dim, 2, dtype=torch.int64, device=device).float() / self.dim
+        inv_freq = 1.0 / (self.base**exponents)
         grid_h = torch.arange(self.max_h, device=device, dtype=torch.float32)[:, None].expand(self.max_h, self.max_w)
         grid_w = torch.arange(self.max_w, device=device, dtype=torch.float32)[None, :].expand(self.max_h, self.max_w)
         tables = []
@@ -147,7 +148,8 @@ def select_attention_kernel(
     if impl == "eager":
         return "eager"
     if impl == "sdpa":
-        if varlen_attn is not None and device.type == "cuda" and dtype in (torch.float16, torch.bfloat16) and dropout == 0.0:
+        half_precision = dtype in (torch.float16, torch.bfloat16)
+        if varlen_attn is not None and device.type == "cuda" and half_precision and dropout == 0.0:
             return "varlen"
         return "sdpa"
     if impl == "flash_attention_2":
@@ -192,7 +194,8 @@ def packed_attention(
     if packed.kernel == "varlen":
         # Positional arguments only: the keywords changed between torch 2.10 and 2.13 (is_causal -> window_size,
         # `scale` added). Non-causal is the default, and so is scale = head_dim ** -0.5, which is ours.
-        return varlen_attn(query, key, value, packed.cu_seqlens, packed.cu_seqlens, packed.max_seqlen, packed.max_seqlen)
+        cu, max_len = packed.cu_seqlens, packed.max_seqlen
+        return varlen_attn(query, key, value, cu, cu, max_len, max_len)
 
     # Per-image kernels. Heads go first once for the whole pack; a run of `count` equal-length neighbours is one
     # (count, heads, n, d) strided view, so equal-size images share one call. SDPA picks its fused CPU kernel
@@ -443,7 +446,8 @@ class SiglipVisionEmbeddings(nn.Module):
     def forward(self, packed_pixel_values: torch.Tensor, packed_flattened_position_ids: torch.Tensor) -> torch.Tensor:
         if not isinstance(self.patch_embedding, nn.Linear):
             raise RuntimeError(
-                "The patch embedding is still a Conv2d: call `convert_conv2d_to_linear(config)` before a packed forward."
+                "The patch embedding is still a Conv2d: call `convert_conv2d_to_linear(config)` before a packed "
+                "forward."
             )
         embeddings = self.patch_embedding(packed_pixel_values.to(self.patch_embedding.weight.dtype))
         if not self.config.rope:
@@ -633,7 +637,9 @@ class SiglipVisionTransformer(nn.Module):
             # gathered once per forward for all layers: (total, 2, head_dim / 2) = (row angles, column angles)
             cos_h, sin_h, cos_w, sin_w = self.rope(position_ids)
             dtype = hidden_states.dtype
-            position_embeddings = (torch.stack([cos_h, cos_w], dim=1).to(dtype), torch.stack([sin_h, sin_w], dim=1).to(dtype))
+            cos = torch.stack([cos_h, cos_w], dim=1).to(dtype)
+            sin = torch.stack([sin_h, sin_w], dim=1).to(dtype)
+            position_embeddings = (cos, sin)
         encoder_outputs = self.encoder(hidden_states, packed, position_embeddings, output_hidden_states)
         last_hidden_state = self.post_layernorm(encoder_outputs.last_hidden_state)
         if not return_dict:
