@@ -46,7 +46,6 @@ class SiglipNaViTConfig(_HFSiglipVisionConfig):
         kwargs.pop("model_type", None)
         # No pooling head in this tower (transformers 5.x's stock config defaults it to True).
         kwargs.setdefault("vision_use_head", False)
-        self.rope = rope
         super().__init__(
             hidden_size=hidden_size,
             intermediate_size=intermediate_size,
