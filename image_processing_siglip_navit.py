@@ -565,26 +565,39 @@ class SiglipNaViTImageProcessor(BaseImageProcessor):
             return list(images.unbind(0))
         return [images]
 
+    @staticmethod
+    def _vae_size(width: int, height: int) -> tuple[int, int]:
+        """BAGEL's VAE-side size, the first resize of `bagel_interleaved_resize`."""
+        return bagel_resize_size(
+            width, height, BAGEL_VAE_MAX_IMAGE_SIZE, BAGEL_VAE_MIN_IMAGE_SIZE, BAGEL_VAE_IMAGE_STRIDE,
+            BAGEL_VAE_MAX_PIXELS, 1,
+        )  # fmt: skip
+
+    @staticmethod
+    def _vit_size(width: int, height: int, s: dict) -> tuple[int, int]:
+        return bagel_resize_size(
+            width, height, s["max_image_size"], s["min_image_size"], s["image_stride"], s["max_pixels"], s["img_num"]
+        )
+
+    def patch_grid(self, width: int, height: int, **kwargs) -> tuple[int, int]:
+        """The `(grid_h, grid_w)` patch grid a `width x height` image gets, without decoding or resizing it (e.g. to
+        plan token-budget batches from image headers). `kwargs`: one-call setting overrides, as in `preprocess`."""
+        s = self._resolve_settings(kwargs)
+        if s["do_resize"]:
+            if s["bagel_interleaved_resize"]:
+                width, height = self._vae_size(width, height)
+            width, height = self._vit_size(width, height, s)
+        return height // s["patch_size"], width // s["patch_size"]
+
     def _image_to_uint8(self, image: Any, index: int, s: dict) -> np.ndarray:
         """One input -> its resized (H, W, 3) uint8 pixels."""
         pil = to_rgb_pil(image, index)
         if s["do_resize"]:
             if s["bagel_interleaved_resize"]:
-                width, height = bagel_resize_size(
-                    *pil.size,
-                    BAGEL_VAE_MAX_IMAGE_SIZE,
-                    BAGEL_VAE_MIN_IMAGE_SIZE,
-                    BAGEL_VAE_IMAGE_STRIDE,
-                    BAGEL_VAE_MAX_PIXELS,
-                    1,
-                )
-                pil = resize_bicubic(pil, width, height)
-            width, height = bagel_resize_size(
-                *pil.size, s["max_image_size"], s["min_image_size"], s["image_stride"], s["max_pixels"], s["img_num"]
-            )
-            pil = resize_bicubic(pil, width, height)
-        else:
-            width, height = pil.size
+                pil = resize_bicubic(pil, *self._vae_size(*pil.size))
+            pil = resize_bicubic(pil, *self._vit_size(*pil.size, s))
+        width, height = pil.size
+        if not s["do_resize"]:
             p = s["patch_size"]
             if width % p or height % p:
                 raise ValueError(

@@ -720,3 +720,22 @@ def test_repo_preprocessor_config_is_the_default():
     default.pop("auto_map", None)
     assert {k: v for k, v in saved.items() if k != "auto_map"} == default
     assert saved["max_image_size"] == 980 and saved["max_num_patches_per_side"] == 70
+
+
+@pytest.mark.parametrize(
+    "settings",
+    [{}, {"bagel_interleaved_resize": True}, {"img_num": 4}, {"max_image_size": 378, "min_image_size": 56}],
+)
+def test_patch_grid_from_the_size_alone_matches_preprocess(settings):
+    """`patch_grid(width, height)` (used to plan token budgets from image headers) == the grid preprocess gives."""
+    processor = Processor(**settings)
+    rng = np.random.default_rng(3)
+    sizes = [(1, 1), (13, 2000), (2000, 13), (980, 980), (981, 979), (4000, 3000)] + [
+        tuple(int(v) for v in rng.integers(8, 2500, 2)) for _ in range(12)
+    ]
+    for width, height in sizes:
+        image = PIL.Image.new("RGB", (width, height), (10, 20, 30))
+        grid = tuple(processor(images=image)["image_grid_hw"][0].tolist())
+        assert processor.patch_grid(width, height) == grid, (width, height)
+    same = Processor(do_resize=False)
+    assert same.patch_grid(28, 42) == (3, 2)
