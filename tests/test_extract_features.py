@@ -1,0 +1,291 @@
+"""extract_features.py: token-budget packing, outputs equal to per-image forwards, resumable atomic shards,
+corrupt images skipped, datasets input, and 2-process data parallelism through torchrun (gloo)."""
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from conftest import ROOT, copy_remote_code, make_model, tiny_config, unique_dir
+from PIL import Image
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+
+_spec = importlib.util.spec_from_file_location("extract_features", ROOT / "extract_features.py")
+ef = importlib.util.module_from_spec(_spec)
+sys.modules["extract_features"] = ef
+_spec.loader.exec_module(ef)
+
+# tiny model on a 16x16 position table (patch 4, 64 px); the processor resizes every image to <= 64 px
+PROCESSOR = {
+    "auto_map": {"AutoImageProcessor": "image_processing_siglip_navit.SiglipNaViTImageProcessor"},
+    "max_image_size": 64, "min_image_size": 16, "image_stride": 4, "patch_size": 4,
+    "max_num_patches_per_side": 16, "max_pixels": 64 * 64, "img_num": 1, "position_id_mode": "extrapolate",
+    "bagel_interleaved_resize": False, "do_resize": True,
+}  # fmt: skip
+SIZES = [(40, 24), (64, 64), (100, 30), (17, 50), (64, 64), (33, 33), (20, 80), (48, 36), (90, 90), (16, 16), (70, 20)]
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("model")
+    target = copy_remote_code(unique_dir(tmp, "extract_model"))
+    config = tiny_config(image_size=64, rope=True)
+    model = make_model(config)
+    data = config.to_dict()
+    data["auto_map"] = {
+        "AutoConfig": "configuration_siglip_navit.SiglipNaViTConfig",
+        "AutoModel": "modeling_siglip_navit.SiglipVisionModel",
+    }
+    data.pop("_attn_implementation_autoset", None)
+    (target / "config.json").write_text(json.dumps(data, indent=2))
+    state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+    save_file(state, str(target / "model.safetensors"), metadata={"format": "pt"})
+    (target / "preprocessor_config.json").write_text(json.dumps(PROCESSOR, indent=2))
+    return target
+
+
+def synthetic(width, height, seed):
+    rng = np.random.default_rng(seed)
+    return Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8))
+
+
+@pytest.fixture(scope="module")
+def image_dir(tmp_path_factory):
+    """11 images of mixed sizes and formats in nested folders, plus 2 broken files."""
+    root = tmp_path_factory.mktemp("images")
+    (root / "sub" / "deeper").mkdir(parents=True)
+    for i, (w, h) in enumerate(SIZES):
+        folder = [root, root / "sub", root / "sub" / "deeper"][i % 3]
+        synthetic(w, h, i).save(folder / f"img{i:02d}.{'png' if i % 2 else 'bmp'}")
+    (root / "sub" / "garbage.jpg").write_bytes(b"this is not an image")
+    good = (root / "img00.bmp").read_bytes()
+    (root / "truncated.bmp").write_bytes(good[: len(good) // 2])  # a valid header, half the pixels
+    return root
+
+
+def reference(model_dir, paths):
+    """Pooled features and maps from one plain forward per image (no packing, no script)."""
+    from transformers import AutoImageProcessor, AutoModel
+
+    model = AutoModel.from_pretrained(model_dir, trust_remote_code=True).eval()
+    processor = AutoImageProcessor.from_pretrained(model_dir, trust_remote_code=True)
+    out = {}
+    with torch.no_grad():
+        for path in paths:
+            inputs = processor(images=Image.open(path))
+            hidden = model(**inputs).last_hidden_state
+            h, w = inputs["image_grid_hw"][0].tolist()
+            out[path] = (hidden.mean(0), (h, w), hidden.reshape(h, w, -1))
+    return out
+
+
+def extract(model_dir, input_spec, output, *extra):
+    argv = ["--model", str(model_dir), "--input", str(input_spec), "--output", str(output), "--num-workers", "0",
+            "--no-progress", *map(str, extra)]  # fmt: skip
+    return ef.main(argv)
+
+
+def read_outputs(output):
+    """{id: (pooled, grid_hw, features or None)} over every shard of the manifest, checking each id once."""
+    manifest = json.loads((output / "manifest.json").read_text())
+    found = {}
+    for shard in manifest["shards"]:
+        tensors = load_file(str(output / shard["file"]))
+        assert tensors["pooled"].shape[0] == len(shard["ids"]) == tensors["grid_hw"].shape[0]
+        for j, image_id in enumerate(shard["ids"]):
+            assert image_id not in found, f"{image_id} in two shards"
+            found[image_id] = (tensors["pooled"][j], tuple(tensors["grid_hw"][j].tolist()), tensors.get(f"features.{j}"))
+    return manifest, found
+
+
+def good_paths(image_dir):
+    return sorted(str(p) for p in image_dir.rglob("img*"))
+
+
+# ---- packing plan --------------------------------------------------------------------------------------------
+def test_plan_batches_first_fit_decreasing():
+    lengths = [30, 70, 20, 50, 50, 10, 80, 40]
+    batches = ef.plan_batches(lengths, 100)
+    assert sorted(i for b in batches for i in b) == list(range(len(lengths)))
+    assert all(sum(lengths[i] for i in b) <= 100 for b in batches)
+    assert len(batches) == 4  # 350 patches: the optimum 4 bins of 100 (FFD finds 80+20, 70+30, 50+50, 40+10)
+    for b in batches:
+        assert [lengths[i] for i in b] == sorted((lengths[i] for i in b), reverse=True)
+    with pytest.raises(ValueError, match="does not fit a budget of 60"):
+        ef.plan_batches([70], 60)
+
+
+def test_plan_batches_random_sizes_are_packed_tightly():
+    rng = np.random.default_rng(0)
+    lengths = [int(h) * int(w) for h, w in rng.integers(4, 71, (200, 2))]
+    budget = 16384
+    batches = ef.plan_batches(lengths, budget)
+    assert sorted(i for b in batches for i in b) == list(range(200))
+    assert max(sum(lengths[i] for i in b) for b in batches) <= budget
+    assert len(batches) <= -(-sum(lengths) // budget) + 1  # within one forward of the lower bound
+
+
+# ---- single process ------------------------------------------------------------------------------------------
+def test_folder_input_matches_per_image_forwards_and_skips_broken_files(model_dir, image_dir, tmp_path, capsys, caplog):
+    out = tmp_path / "feats"
+    assert extract(model_dir, image_dir, out, "--max-patches-per-batch", 300, "--save-grids", "--shard-size", 4) == 0
+    manifest, found = read_outputs(out)
+    paths = good_paths(image_dir)
+    assert sorted(found) == paths
+    assert manifest["complete"] and manifest["num_encoded"] == len(paths) and manifest["num_skipped"] == 2
+    skipped = {s["id"]: s["error"] for s in manifest["skipped"]}
+    assert set(skipped) == {str(image_dir / "sub" / "garbage.jpg"), str(image_dir / "truncated.bmp")}
+    assert "UnidentifiedImageError" in skipped[str(image_dir / "sub" / "garbage.jpg")]
+    logged = caplog.text
+    assert "garbage.jpg" in logged and "truncated.bmp" in logged
+    ref = reference(model_dir, paths)
+    for path in paths:
+        pooled, grid, fmap = found[path]
+        assert grid == ref[path][1]
+        torch.testing.assert_close(pooled, ref[path][0], atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(fmap, ref[path][2], atol=1e-5, rtol=1e-5)
+    # shards keep input order, hold at most --shard-size inputs; the budget is never exceeded
+    ids_in_order = [i for s in manifest["shards"] for i in s["ids"]]
+    assert ids_in_order == [i for i in sorted(map(str, (p for p in image_dir.rglob("*") if p.is_file()))) if i in found]
+    assert all(len(s["ids"]) + len(s["skipped"]) <= 4 for s in manifest["shards"])
+    run = manifest["last_run"]
+    assert run["largest_forward"] <= 300 and run["forwards"] >= -(-run["patches"] // 300)
+    assert 0 < run["packing_efficiency"] <= 1
+    printed = capsys.readouterr().out
+    assert "packing efficiency" in printed and "images/s" in printed and "skipped 2 unreadable" in printed
+
+
+def test_rerun_skips_finished_shards_and_redoes_missing_ones(model_dir, image_dir, tmp_path, capsys):
+    out = tmp_path / "feats"
+    assert extract(model_dir, image_dir, out, "--shard-size", 5) == 0
+    shards = sorted(out.glob("shard-*.safetensors"))
+    assert len(shards) == 3
+    stamps = {p.name: (p.stat().st_ino, p.stat().st_mtime_ns) for p in shards}
+    capsys.readouterr()
+    assert extract(model_dir, image_dir, out) == 0  # resume: the first run's --shard-size is kept
+    assert "0 shard(s) written, 3 already done" in capsys.readouterr().out
+    assert {p.name: (p.stat().st_ino, p.stat().st_mtime_ns) for p in out.glob("shard-*")} == stamps
+    shards[1].unlink()
+    assert extract(model_dir, image_dir, out) == 0
+    assert "1 shard(s) written, 2 already done" in capsys.readouterr().out
+    manifest, found = read_outputs(out)
+    assert manifest["complete"] and sorted(found) == good_paths(image_dir)
+
+
+def test_interrupted_run_leaves_no_partial_shard_and_resumes(model_dir, image_dir, tmp_path, monkeypatch):
+    out = tmp_path / "feats"
+    real_save = __import__("safetensors.torch", fromlist=["save_file"]).save_file
+    calls = []
+
+    def save_then_interrupt(tensors, filename, metadata=None):
+        calls.append(filename)
+        if len(calls) == 2:  # Ctrl-C while the second shard is being written: half a file on disk
+            with open(filename, "wb") as f:
+                f.write(b"partial")
+            raise KeyboardInterrupt
+        real_save(tensors, filename, metadata=metadata)
+
+    monkeypatch.setattr("safetensors.torch.save_file", save_then_interrupt)
+    assert extract(model_dir, image_dir, out, "--shard-size", 5) == 130
+    assert sorted(p.name for p in out.iterdir()) == ["manifest.json", "shard-00000-of-00003.safetensors"]
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert not manifest["complete"] and [s["file"] for s in manifest["shards"]] == ["shard-00000-of-00003.safetensors"]
+    monkeypatch.setattr("safetensors.torch.save_file", real_save)
+    assert extract(model_dir, image_dir, out) == 0
+    manifest, found = read_outputs(out)
+    assert manifest["complete"] and sorted(found) == good_paths(image_dir)
+    assert not [p for p in out.iterdir() if p.name.startswith(".")]
+
+
+def test_other_run_in_the_same_output_is_refused_then_overwritten(model_dir, image_dir, tmp_path, capsys):
+    out = tmp_path / "feats"
+    assert extract(model_dir, image_dir, out) == 0
+    before = sorted(p.name for p in out.iterdir())
+    assert extract(model_dir, image_dir, out, "--save-grids") == 2
+    assert "holds features of a different run" in capsys.readouterr().err
+    assert sorted(p.name for p in out.iterdir()) == before
+    assert extract(model_dir, image_dir, out, "--save-grids", "--overwrite") == 0
+    manifest, found = read_outputs(out)
+    assert manifest["save_grids"] and all(v[2] is not None for v in found.values())
+
+
+def test_glob_and_list_inputs(model_dir, image_dir, tmp_path):
+    out = tmp_path / "glob"
+    assert extract(model_dir, f"{image_dir}/**/*.png", out) == 0
+    _, found = read_outputs(out)
+    assert sorted(found) == sorted(str(p) for p in image_dir.rglob("*.png"))
+    listing = tmp_path / "list.txt"
+    chosen = good_paths(image_dir)[:3]
+    listing.write_text("\n".join(chosen) + "\n")
+    assert extract(model_dir, listing, tmp_path / "list") == 0
+    _, found = read_outputs(tmp_path / "list")
+    assert sorted(found) == chosen
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--max-patches-per-batch", "100"], "smaller than the largest image this processor makes (256 patches"),
+        (["--max-patches-per-batch", "0"], "--max-patches-per-batch must be a positive"),
+        (["--shard-size", "0"], "--shard-size must be a positive"),
+    ],
+)
+def test_bad_arguments_are_named(model_dir, image_dir, tmp_path, capsys, extra, message):
+    assert extract(model_dir, image_dir, tmp_path / "x", *extra) == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()
+
+
+def test_bad_inputs_are_named(model_dir, tmp_path, capsys):
+    assert extract(model_dir, tmp_path / "missing" / "folder", tmp_path / "x") == 2
+    assert "no such file, folder or glob" in capsys.readouterr().err
+    assert extract(model_dir, f"{tmp_path}/*.png", tmp_path / "x") == 2
+    assert "matches no files" in capsys.readouterr().err
+    assert extract(tmp_path / "no_model", tmp_path, tmp_path / "x") == 2
+    err = capsys.readouterr().err
+    assert "--input folder" in err or "--model" in err
+
+
+# ---- datasets input ------------------------------------------------------------------------------------------
+def test_saved_dataset_input_ids_are_row_indices(model_dir, image_dir, tmp_path):
+    import datasets
+
+    paths = good_paths(image_dir)[:5]
+    ds = datasets.Dataset.from_dict({"label": list(range(5)), "picture": paths}).cast_column("picture", datasets.Image())
+    datasets.DatasetDict({"train": ds}).save_to_disk(str(tmp_path / "ds"))
+    out = tmp_path / "feats"
+    assert extract(model_dir, tmp_path / "ds", out, "--split", "train") == 0
+    manifest, found = read_outputs(out)
+    assert manifest["input_kind"] == "dataset" and sorted(found) == [0, 1, 2, 3, 4]
+    ref = reference(model_dir, paths)
+    for i, path in enumerate(paths):
+        torch.testing.assert_close(found[i][0], ref[path][0], atol=1e-5, rtol=1e-5)
+    assert extract(model_dir, tmp_path / "ds", tmp_path / "x", "--split", "test") == 2
+    assert extract(model_dir, tmp_path / "ds", tmp_path / "y", "--image-column", "label") == 2
+
+
+# ---- data parallel through torchrun ---------------------------------------------------------------------------
+def test_torchrun_two_gloo_processes_cover_every_input_once(model_dir, image_dir, tmp_path):
+    out = tmp_path / "feats"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nnodes", "1", "--nproc-per-node", "2",
+           str(ROOT / "extract_features.py"), "--model", str(model_dir), "--input", str(image_dir), "--output", str(out),
+           "--max-patches-per-batch", "400", "--num-workers", "1", "--save-grids"]  # fmt: skip
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH="")
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300, stdin=subprocess.DEVNULL)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "on 2 process(es)" in proc.stdout
+    manifest, found = read_outputs(out)
+    assert manifest["complete"] and manifest["num_shards"] == 2 and manifest["num_skipped"] == 2
+    assert sorted(found) == good_paths(image_dir)
+    with safe_open(str(out / manifest["shards"][0]["file"]), framework="pt") as f:
+        assert f.metadata()["fingerprint"] == manifest["fingerprint"]
+    ref = reference(model_dir, good_paths(image_dir))
+    for path, (pooled, grid, fmap) in found.items():
+        assert grid == ref[path][1]
+        torch.testing.assert_close(pooled, ref[path][0], atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(fmap, ref[path][2], atol=1e-5, rtol=1e-5)
