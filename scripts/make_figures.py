@@ -1,0 +1,139 @@
+"""Rebuild the README's pictures (docs/*.png): patch grids + position ids, PCA of patch features, the pack strip.
+
+    python scripts/make_figures.py [--out docs] [--layers 2] [--seed 0]
+
+Deterministic: a tiny BAGEL-layout checkpoint with seeded random weights (BAGEL-7B-MoT's geometry -- 14 px
+patches, a 70 x 70 position table -- at a small width) is written, converted with convert_checkpoint.py and loaded
+the Hub way (AutoModel / AutoImageProcessor, trust_remote_code=True); three synthetic images of different sizes
+are encoded in ONE forward and drawn with visualize.py. Random weights: the PCA colours follow local colour and
+texture, not objects -- run examples/quickstart.ipynb with a real checkpoint for that. Takes a few seconds on a CPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import PIL.Image
+import PIL.ImageDraw
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+import convert_checkpoint  # noqa: E402
+import visualize as vis  # noqa: E402
+
+FIGURES = ("patch_grid.png", "pca.png", "pack_strip.png")
+# BAGEL-7B-MoT's vit_config.json geometry (patch 14, 980 px = 70 x 70 positions) at a small width. As in BAGEL's
+# file, num_hidden_layers says one more layer than the checkpoint stores (BAGEL drops the last one).
+TINY_VIT_CONFIG = dict(hidden_size=64, intermediate_size=128, num_attention_heads=4, patch_size=14, image_size=980,
+                       model_type="siglip_vision_model")
+
+
+def tiny_bagel_checkpoint(folder: Path, layers: int = 2, seed: int = 0) -> Path:
+    """A BAGEL-style model folder: `ema.safetensors` (ViT tensors under `vit_model.`) + `vit_config.json`."""
+    from safetensors.torch import save_file
+
+    cfg = dict(TINY_VIT_CONFIG, num_hidden_layers=layers + 1)
+    d, mlp, p = cfg["hidden_size"], cfg["intermediate_size"], cfg["patch_size"]
+    side = cfg["image_size"] // p
+    gen = torch.Generator().manual_seed(seed)
+
+    def randn(*shape):
+        return torch.randn(*shape, generator=gen) * 0.02
+
+    vm = "vit_model.vision_model."
+    sd = {
+        vm + "embeddings.patch_embedding.weight": randn(d, 3 * p * p),  # BAGEL stores the Linear layout
+        vm + "embeddings.patch_embedding.bias": torch.zeros(d),
+        vm + "embeddings.position_embedding.weight": randn(side * side, d),
+        vm + "post_layernorm.weight": torch.ones(d),
+        vm + "post_layernorm.bias": torch.zeros(d),
+    }
+    for i in range(layers):
+        pre = f"{vm}encoder.layers.{i}."
+        for name in ("q_proj", "k_proj", "v_proj", "out_proj"):
+            sd[f"{pre}self_attn.{name}.weight"], sd[f"{pre}self_attn.{name}.bias"] = randn(d, d), torch.zeros(d)
+        sd[pre + "mlp.fc1.weight"], sd[pre + "mlp.fc1.bias"] = randn(mlp, d), torch.zeros(mlp)
+        sd[pre + "mlp.fc2.weight"], sd[pre + "mlp.fc2.bias"] = randn(d, mlp), torch.zeros(d)
+        for ln in ("layer_norm1", "layer_norm2"):
+            sd[f"{pre}{ln}.weight"], sd[f"{pre}{ln}.bias"] = torch.ones(d), torch.zeros(d)
+    folder.mkdir(parents=True, exist_ok=True)
+    save_file(sd, str(folder / "ema.safetensors"), metadata={"format": "pt"})
+    (folder / "vit_config.json").write_text(json.dumps(cfg, indent=2))
+    return folder
+
+
+def synthetic_scene(width: int, height: int, seed: int) -> PIL.Image.Image:
+    """A flat-shaded stand-in photo (sky gradient, sun, hills, a striped house): regions a PCA can tell apart."""
+    rng = np.random.default_rng(seed)
+    y = np.linspace(0, 1, height)[:, None, None]
+    sky = (np.array([90, 150, 230]) * (1 - y) + np.array([200, 225, 255]) * y) * np.ones((1, width, 1))
+    img = PIL.Image.fromarray(sky.astype(np.uint8))
+    draw = PIL.ImageDraw.Draw(img)
+    r = int(min(width, height) * rng.uniform(0.08, 0.14))
+    cx, cy = int(width * rng.uniform(0.15, 0.85)), int(height * rng.uniform(0.12, 0.3))
+    draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=(255, 210, 60))
+    horizon = int(height * rng.uniform(0.55, 0.7))
+    draw.polygon([(0, horizon), (width // 3, horizon - height // 8), (2 * width // 3, horizon - height // 20),
+                  (width, horizon - height // 10), (width, height), (0, height)], fill=(70, 140, 60))
+    hx, hw = int(width * rng.uniform(0.1, 0.5)), max(int(width * 0.3), 30)
+    hy, hh = horizon - int(height * 0.12), int(height * 0.22)
+    for k in range(0, hw, 8):  # striped walls
+        draw.rectangle([hx + k, hy, min(hx + k + 3, hx + hw), hy + hh], fill=(180, 60, 50))
+        draw.rectangle([hx + k + 4, hy, min(hx + k + 7, hx + hw), hy + hh], fill=(235, 225, 210))
+    draw.polygon([(hx - 6, hy), (hx + hw // 2, hy - hh // 2), (hx + hw + 6, hy)], fill=(90, 60, 40))
+    return img
+
+
+def images() -> list[PIL.Image.Image]:
+    """Three sizes and aspects: landscape, portrait, and a small square the size rule scales up to 224 x 224."""
+    return [synthetic_scene(320, 240, 0), synthetic_scene(200, 360, 1), synthetic_scene(150, 150, 2)]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--out", default=str(ROOT / "docs"), help="folder for the PNGs (default: docs/)")
+    parser.add_argument("--layers", type=int, default=2, help="encoder layers of the tiny model")
+    parser.add_argument("--seed", type=int, default=0, help="weight seed")
+    args = parser.parse_args(argv)
+
+    import transformers
+    from transformers import AutoImageProcessor, AutoModel
+
+    dtype_kwarg = "dtype" if int(transformers.__version__.split(".")[0]) >= 5 else "torch_dtype"
+    out = Path(args.out)
+    with tempfile.TemporaryDirectory(prefix="siglip-navit-figures-") as tmp:
+        src = tiny_bagel_checkpoint(Path(tmp) / "bagel", args.layers, args.seed)
+        # unique folder name: transformers 4.x caches remote code by the folder's base name
+        repo = Path(tempfile.mkdtemp(prefix="siglip-navit-tiny-", dir=tmp))
+        rc = convert_checkpoint.main(["--src", str(src), "--out", str(repo), "--no-progress", "--quiet"])
+        if rc != 0:
+            return rc
+        processor = AutoImageProcessor.from_pretrained(repo, trust_remote_code=True)
+        model = AutoModel.from_pretrained(repo, trust_remote_code=True, **{dtype_kwarg: torch.float32}).eval()
+        inputs = processor(images=images(), return_tensors="pt")
+        with torch.no_grad():
+            maps = processor.unpack(model(**inputs).last_hidden_state, inputs)
+
+    resized = vis.resized_images(inputs)
+    grids = vis.patch_grids(inputs, save_to=out / FIGURES[0])
+    views = vis.pca_views(resized, maps)  # one PCA over the three images: a colour means the same everywhere
+    vis.save_png(vis.hstack(views, gap=16), out / FIGURES[1])
+    vis.pack_strip(inputs["cu_seqlens"], inputs["image_grid_hw"], width=sum(g.width for g in grids) + 16,
+                   save_to=out / FIGURES[2])
+    for name in FIGURES:
+        path = out / name
+        with PIL.Image.open(path) as im:
+            print(f"{path}: {im.width}x{im.height}, {path.stat().st_size / 1024:.0f} KB")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

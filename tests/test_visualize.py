@@ -1,0 +1,309 @@
+"""visualize.py: picture sizes for non-square inputs, PNG output, PCA separating two halves, the pack strip's
+segment boundaries, exact recovery of the resized images, error messages, and the README figure script."""
+
+import importlib.util
+import sys
+
+import numpy as np
+import PIL.Image
+import PIL.ImageFont
+import pytest
+import torch
+from conftest import ROOT
+
+from siglip_navit import image_processing_siglip_navit as ipm
+
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+import visualize as vis  # noqa: E402
+
+GRIDS = [(3, 5), (7, 2)]  # non-square patch grids (rows, cols), both orientations
+
+
+def grid_image(h, w, p, seed=0):
+    rng = np.random.default_rng(seed)
+    return PIL.Image.fromarray(rng.integers(0, 256, (h * p, w * p, 3), dtype=np.uint8))
+
+
+def reopen(path):
+    with PIL.Image.open(path) as im:
+        im.load()
+        return im.format, im.mode, im.size
+
+
+def fake_inputs(grids, p, seed=0):
+    """A processor-style output built by hand: uint8 images, patchified and normalised as the processor does."""
+    rng = np.random.default_rng(seed)
+    pixels, ids, images = [], [], []
+    for h, w in grids:
+        u8 = rng.integers(0, 256, (h * p, w * p, 3), dtype=np.uint8)
+        images.append(u8)
+        pixels.append(ipm.patchify(torch.from_numpy(u8).permute(2, 0, 1).contiguous(), p))
+        ids.append(ipm.position_ids_extrapolate(h, w, 70))
+    packed = ipm.normalize_uint8(torch.cat(pixels).to(torch.uint8))
+    lengths = [h * w for h, w in grids]
+    inputs = dict(
+        packed_pixel_values=packed,
+        packed_flattened_position_ids=torch.cat(ids),
+        cu_seqlens=ipm.build_cu_seqlens(lengths),
+        max_seqlen=max(lengths),
+        image_grid_hw=torch.tensor(grids),
+    )
+    return inputs, images
+
+
+# ---- (a) patch grid ------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("grid", GRIDS)
+@pytest.mark.parametrize("scale", [1, 3])
+def test_draw_patch_grid_size_and_png(tmp_path, grid, scale):
+    h, w = grid
+    p = 14
+    img = grid_image(h, w, p)
+    ids = torch.arange(h * w) + 100
+    path = tmp_path / "sub" / "grid.png"
+    pic = vis.draw_patch_grid(img, grid, position_ids=ids, scale=scale, save_to=path)
+    assert pic.mode == "RGB" and pic.size == (w * p * scale, h * p * scale)
+    assert reopen(path) == ("PNG", "RGB", pic.size)
+    # grid lines are drawn on the patch boundaries: there the picture blends towards white, elsewhere it is the
+    # (upscaled) input; the labels darken their corners
+    plain = np.asarray(vis.draw_patch_grid(img, grid, scale=scale)).astype(int)
+    base = np.asarray(img.resize(pic.size, PIL.Image.NEAREST)).astype(int)
+    on_line = np.zeros(plain.shape[:2], bool)
+    on_line[:, [min(j * p * scale, w * p * scale - 1) for j in range(w + 1)]] = True
+    on_line[[min(i * p * scale, h * p * scale - 1) for i in range(h + 1)], :] = True
+    assert (plain[on_line] >= base[on_line]).all() and (plain[on_line] > base[on_line]).any()
+    assert np.array_equal(plain[~on_line], base[~on_line])
+    assert (np.asarray(pic).astype(int) < plain).any()
+
+
+def test_draw_patch_grid_infers_patch_size_and_checks_it():
+    img = grid_image(3, 5, 6)
+    assert vis.draw_patch_grid(img, (3, 5)).size == (30, 18)
+    with pytest.raises(ValueError, match="grid_hw"):
+        vis.draw_patch_grid(img, (3, 0))
+    with pytest.raises(ValueError, match=r"`image` is 30x18 .*4x5"):
+        vis.draw_patch_grid(img, (4, 5))
+    with pytest.raises(ValueError, match=r"`image` is 30x18 .*14 px patches"):
+        vis.draw_patch_grid(img, (3, 5), patch_size=14)
+    with pytest.raises(ValueError, match="`position_ids` has 4 entries but the 3x5 grid has 15"):
+        vis.draw_patch_grid(img, (3, 5), position_ids=[0, 1, 2, 3])
+    with pytest.raises(ValueError, match="`scale`"):
+        vis.draw_patch_grid(img, (3, 5), scale=0)
+    with pytest.raises(ValueError, match="`image` must be a PIL image"):
+        vis.draw_patch_grid("nope.png", (3, 5))
+
+
+def test_resized_images_are_exact_and_patch_grids_follow_the_pack(tmp_path):
+    inputs, originals = fake_inputs(GRIDS, 14)
+    images = vis.resized_images(inputs)
+    for got, want in zip(images, originals):
+        assert got.mode == "RGB" and np.array_equal(np.asarray(got), want)  # bit-exact inverse of the normalisation
+    pictures = vis.patch_grids(inputs, save_to=tmp_path / "grids.png")
+    assert [p.size for p in pictures] == [(w * 14, h * 14) for h, w in GRIDS]
+    assert reopen(tmp_path / "grids.png")[2] == (5 * 14 + 8 + 2 * 14, 7 * 14)
+    bad = dict(inputs, image_grid_hw=torch.tensor([(3, 5), (7, 3)]))
+    with pytest.raises(ValueError, match="holds 29 patches but `inputs\\['image_grid_hw'\\]` describes 36"):
+        vis.resized_images(bad)
+    with pytest.raises(ValueError, match="'packed_pixel_values'"):
+        vis.resized_images({"image_grid_hw": [(1, 1)]})
+
+
+def test_resized_images_match_the_processor():
+    proc = ipm.SiglipNaViTImageProcessor()
+    rng = np.random.default_rng(3)
+    originals = [rng.integers(0, 256, (60, 90, 3), dtype=np.uint8), rng.integers(0, 256, (200, 50, 3), dtype=np.uint8)]
+    inputs = proc(images=originals, return_tensors="pt")
+    s = proc._resolve_settings({})
+    for k, got in enumerate(vis.resized_images(inputs)):
+        assert np.array_equal(np.asarray(got), proc._image_to_uint8(originals[k], k, s))
+
+
+# ---- (b) PCA -------------------------------------------------------------------------------------------------
+def two_halves(h=6, w=8, c=32, seed=0, noise=0.05):
+    gen = torch.Generator().manual_seed(seed)
+    a, b = torch.randn(c, generator=gen), torch.randn(c, generator=gen)
+    fmap = torch.empty(h, w, c)
+    fmap[:, : w // 2] = a
+    fmap[:, w // 2 :] = b
+    return fmap + noise * torch.randn(h, w, c, generator=gen)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_pca_separates_two_halves(seed):
+    rgb = vis.pca_rgb(two_halves(seed=seed))
+    assert rgb.shape == (6, 8, 3) and rgb.dtype == np.uint8
+    first = rgb[..., 0].astype(float)
+    left, right = first[:, :4].ravel(), first[:, 4:].ravel()
+    # the first component IS the left/right split: the halves sit at opposite ends of the red range...
+    assert abs(left.mean() - right.mean()) > 200
+    assert max(left.std(), right.std()) < 15
+    assert left.max() < right.min() or right.max() < left.min()
+    # ... and in full RGB the halves' means are far apart compared with the spread inside each half
+    pix = rgb.reshape(-1, 3).astype(float)
+    mask = np.zeros((6, 8), bool)
+    mask[:, :4] = True
+    mask = mask.ravel()
+    between = np.linalg.norm(pix[mask].mean(0) - pix[~mask].mean(0))
+    within = np.sqrt(((pix[mask] - pix[mask].mean(0)) ** 2).sum(1).mean())
+    assert between > 200 and between > 2 * within
+
+
+def test_pca_is_deterministic_and_sign_fixed():
+    fmap = two_halves(seed=4)
+    assert np.array_equal(vis.pca_rgb(fmap), vis.pca_rgb(fmap.clone()))
+    assert np.array_equal(vis.pca_rgb(fmap), vis.pca_rgb(fmap.numpy().astype(np.float64)))
+    # an independent reference: eigenvectors of the covariance (their signs are arbitrary too) with the documented
+    # rule -- largest-|loading| entry positive -- and the documented robust 1 % / 99 % scaling
+    x = fmap.reshape(-1, fmap.shape[-1]).double()
+    x = x - x.mean(0)
+    _, vecs = torch.linalg.eigh(x.T @ x)
+    vecs = vecs[:, -3:].flip(1).T  # top 3 components, largest first
+    vecs = vecs * torch.sign(vecs[torch.arange(3), vecs.abs().argmax(1)])[:, None]
+    comps = x @ vecs.T
+    lo, hi = torch.quantile(comps, 0.01, dim=0), torch.quantile(comps, 0.99, dim=0)
+    ref = ((comps - lo) / (hi - lo)).clamp(0, 1).mul(255).round().reshape(6, 8, 3).numpy()
+    assert np.abs(vis.pca_rgb(fmap).astype(float) - ref).max() <= 1
+
+
+def test_pca_degenerate_inputs_are_grey():
+    assert (vis.pca_rgb(torch.ones(2, 3, 5)) == 128).all()  # no variance at all
+    one = vis.pca_rgb(torch.randn(1, 1, 8))
+    assert one.shape == (1, 1, 3) and (one == 128).all()
+    two = vis.pca_rgb(torch.tensor([[[0.0, 0.0], [1.0, 1.0]]]))  # 2 patches, 2 channels: one real component
+    assert two.shape == (1, 2, 3) and sorted(two[0, :, 0].tolist()) == [0, 255] and (two[..., 1:] == 128).all()
+
+
+def test_joint_pca_gives_one_colour_per_feature_across_images(tmp_path):
+    gen = torch.Generator().manual_seed(5)
+    a, b, c = (torch.randn(24, generator=gen) for _ in range(3))
+    m1 = torch.stack([a, b, c, a]).reshape(2, 2, 24)  # (2, 2) grid
+    m2 = torch.stack([c, c, c, b, a, a]).reshape(3, 2, 24)  # (3, 2) grid
+    r1, r2 = vis.pca_rgb_joint([m1, m2])
+    assert r1.shape == (2, 2, 3) and r2.shape == (3, 2, 3)
+    colour = {"a": r1[0, 0], "b": r1[0, 1], "c": r1[1, 0]}
+    assert len({tuple(v) for v in colour.values()}) == 3
+    assert (r1[1, 1] == colour["a"]).all() and (r2[0, 0] == colour["c"]).all()
+    assert (r2[1, 1] == colour["b"]).all() and (r2[2, 0] == colour["a"]).all()
+    imgs = [grid_image(2, 2, 5), grid_image(3, 2, 5)]
+    views = vis.pca_views(imgs, [m1, m2], gap=2, save_to=tmp_path / "views.png")
+    assert [v.size for v in views] == [(22, 10), (22, 15)]
+    assert reopen(tmp_path / "views.png")[2] == (22, 10 + 2 + 15)
+    assert np.array_equal(np.asarray(views[1])[::5, 12::5], r2)
+    alone = vis.pca_views(imgs, [m1, m2], joint=False)
+    assert np.array_equal(np.asarray(alone[1])[:, 12:], np.asarray(vis.pca_view(imgs[1], m2))[:, 12:])
+    with pytest.raises(ValueError, match="one channel count"):
+        vis.pca_rgb_joint([m1, torch.randn(2, 2, 5)])
+    with pytest.raises(ValueError, match="got 2 `images` and 1 `feature_maps`"):
+        vis.pca_views(imgs, [m1])
+    mismatch = r"`feature_maps\[0\]` is a 2x2 grid that does not match `images\[0\]`: `images\[0\]` is 10x15"
+    with pytest.raises(ValueError, match=mismatch):
+        vis.pca_views(imgs[::-1], [m1, m2])
+
+
+@pytest.mark.parametrize("grid", GRIDS)
+def test_pca_view_size_and_png(tmp_path, grid):
+    h, w = grid
+    img = grid_image(h, w, 14)
+    fmap = torch.randn(h, w, 16)
+    pic = vis.pca_view(img, fmap, gap=6, save_to=tmp_path / "pca.png")
+    assert pic.size == (2 * w * 14 + 6, h * 14)
+    assert reopen(tmp_path / "pca.png") == ("PNG", "RGB", pic.size)
+    # right panel = the PCA picture upsampled nearest-neighbour: every 14x14 patch is one colour
+    right = np.asarray(pic)[:, w * 14 + 6 :]
+    assert np.array_equal(right[::14, ::14], vis.pca_rgb(fmap))
+    assert np.array_equal(right, np.repeat(np.repeat(vis.pca_rgb(fmap), 14, 0), 14, 1))
+
+
+def test_pca_errors():
+    with pytest.raises(ValueError, match=r"`feature_map` must have shape \(h, w, C\).*\(12, 16\)"):
+        vis.pca_rgb(torch.randn(12, 16))
+    with pytest.raises(ValueError, match="NaN"):
+        vis.pca_rgb(torch.full((2, 2, 3), float("nan")))
+    with pytest.raises(ValueError, match="`quantile`"):
+        vis.pca_rgb(torch.randn(2, 2, 3), quantile=0.5)
+    with pytest.raises(ValueError, match=r"`feature_map` is a 5x3 grid that does not match `image`"):
+        vis.pca_view(grid_image(3, 5, 14), torch.randn(5, 3, 8))
+
+
+# ---- (c) pack strip ------------------------------------------------------------------------------------------
+def segments(row):
+    """[(start, end, colour)] runs of equal colour along one pixel row."""
+    runs, start = [], 0
+    for x in range(1, len(row) + 1):
+        if x == len(row) or (row[x] != row[start]).any():
+            runs.append((start, x, tuple(row[start])))
+            start = x
+    return runs
+
+
+@pytest.mark.parametrize("width,height", [(800, 72), (333, 50), (97, 20)])
+def test_pack_strip_boundaries_at_scaled_cu_seqlens(tmp_path, width, height):
+    grids = [(3, 5), (7, 2), (16, 16), (1, 1), (4, 9)]
+    lengths = [h * w for h, w in grids]
+    cu = np.concatenate([[0], np.cumsum(lengths)])
+    pic = vis.pack_strip(torch.tensor(cu, dtype=torch.int32), grids, width=width, height=height,
+                         save_to=tmp_path / "strip.png")
+    assert pic.size == (width, height)
+    assert reopen(tmp_path / "strip.png") == ("PNG", "RGB", (width, height))
+    runs = segments(np.asarray(pic)[height // 2])
+    edges = [round(c * width / cu[-1]) for c in cu]
+    want = [(a, b, vis.PALETTE[i % 10]) for i, (a, b) in enumerate(zip(edges, edges[1:])) if b > a]
+    assert runs == want
+    assert runs[0][0] == 0 and runs[-1][1] == width
+
+
+def test_pack_strip_labels_and_errors():
+    pic = vis.pack_strip([0, 10, 30], labels=["cat", "dog"], width=200)
+    assert pic.size == (200, 72)
+    assert (np.asarray(pic)[:20] != 255).any()  # some label text above the bar
+    with pytest.raises(ValueError, match="strictly increasing"):
+        vis.pack_strip([0, 10, 10])
+    with pytest.raises(ValueError, match="strictly increasing"):
+        vis.pack_strip([1, 10])
+    with pytest.raises(ValueError, match=r"`grid_hw\[1\]` = 2x2 = 4 patches, but `cu_seqlens` gives image 1 20"):
+        vis.pack_strip([0, 10, 30], [(2, 5), (2, 2)])
+    with pytest.raises(ValueError, match="`labels` has 1 entries"):
+        vis.pack_strip([0, 10, 30], labels=["a"])
+    with pytest.raises(ValueError, match="`cu_seqlens` must hold integers"):
+        vis.pack_strip(torch.tensor([0.0, 2.5]))
+    with pytest.raises(ValueError, match="`width`"):
+        vis.pack_strip([0, 4], width=1)
+
+
+def test_bitmap_font_fallback(monkeypatch):
+    """Pillow < 10.1 has no `load_default(size=)`: the fixed bitmap font is used and every picture still works."""
+    bitmap = getattr(PIL.ImageFont, "load_default_imagefont", None)
+    if bitmap is None:
+        pytest.skip("this Pillow has no separate bitmap default font")
+
+    def old_load_default(*args, **kwargs):
+        if args or kwargs:
+            raise TypeError("load_default() takes no arguments")
+        return bitmap()
+
+    monkeypatch.setattr(PIL.ImageFont, "load_default", old_load_default)
+    assert isinstance(vis._font(12), PIL.ImageFont.ImageFont)
+    inputs, _ = fake_inputs(GRIDS, 14)
+    assert [p.size for p in vis.patch_grids(inputs, scale=2)] == [(140, 84), (56, 196)]
+    strip = vis.pack_strip(inputs["cu_seqlens"], inputs["image_grid_hw"], width=300)
+    assert strip.size == (300, 72) and (np.asarray(strip)[:20] != 255).any()
+
+
+def test_stack_and_save_png(tmp_path):
+    a, b = grid_image(3, 5, 4), grid_image(7, 2, 4)
+    assert vis.hstack([a, b], gap=3).size == (20 + 3 + 8, 28)
+    assert vis.vstack([a, b], gap=0).size == (20, 12 + 28)
+    with pytest.raises(ValueError, match=".png"):
+        vis.save_png(a, tmp_path / "x.jpg")
+
+
+# ---- the README figures keep building -------------------------------------------------------------------------
+def test_make_figures_script(tmp_path):
+    spec = importlib.util.spec_from_file_location("make_figures", ROOT / "scripts" / "make_figures.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    assert module.main(["--out", str(tmp_path)]) == 0
+    for name in module.FIGURES:
+        fmt, mode, size = reopen(tmp_path / name)
+        assert fmt == "PNG" and size[0] > 100 and size[1] > 40
+        assert (tmp_path / name).stat().st_size < 200_000

@@ -1,0 +1,658 @@
+# Copyright 2026 The siglip-navit authors. Licensed under the Apache License, Version 2.0.
+"""Pictures of a SigLIP-NaViT pack: how the pack sees each image, what the features look like, where tokens sit.
+
+Not one of the remote-code files (it is not downloaded with a model); it imports only torch, numpy and PIL, and
+draws with `PIL.ImageDraw` and PIL's built-in font (nothing is downloaded). Every picture function returns a
+`PIL.Image.Image` (RGB) and, with `save_to=path`, also writes it as a PNG.
+
+    inputs = processor(images=[a, b, c], return_tensors="pt")
+    maps = processor.unpack(model(**inputs).last_hidden_state, inputs)
+    grids = patch_grids(inputs)                                  # (a) patch grid + position ids per resized image
+    views = pca_views(resized_images(inputs), maps)               # (b) PCA of the features, beside each image
+    strip = pack_strip(inputs["cu_seqlens"], inputs["image_grid_hw"])          # (c) the packed sequence
+
+Functions:
+
+* `resized_images(inputs)`: the exact resized RGB images the model saw, recovered from the processor's output
+  (`packed_pixel_values` un-patchified and de-normalised; no resize rule is repeated here).
+* `draw_patch_grid(image, grid_hw, ...)` / `patch_grids(inputs)`: patch grid and position ids over each image.
+* `pca_rgb(feature_map)`: the first three principal components of an `(h, w, C)` map as an `(h, w, 3)` uint8 image.
+* `pca_rgb_joint(feature_maps)`: the same with one PCA fitted on all images, so colours compare across images.
+* `pca_view(image, feature_map)`: the input beside its PCA picture, upsampled nearest-neighbour (patches stay sharp);
+  `pca_views(images, feature_maps)` for a whole pack (joint colours by default).
+* `pack_strip(cu_seqlens, grid_hw=None, labels=None)`: where each image's tokens sit in the packed sequence.
+* `hstack`, `vstack`, `save_png`: small layout and output helpers.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any, Optional, Sequence, Union
+
+import numpy as np
+import PIL.Image
+import PIL.ImageDraw
+import PIL.ImageFont
+import torch
+
+__all__ = [
+    "PALETTE",
+    "resized_images",
+    "draw_patch_grid",
+    "patch_grids",
+    "pca_rgb",
+    "pca_rgb_joint",
+    "pca_view",
+    "pca_views",
+    "pack_strip",
+    "hstack",
+    "vstack",
+    "save_png",
+]
+
+PathLike = Union[str, Path]
+ImageLike = Union[PIL.Image.Image, np.ndarray]
+Color = tuple[int, int, int]
+
+# Ten well-separated colours (the "tab10" set); neighbours in a pack never share a colour.
+PALETTE: tuple[Color, ...] = (
+    (31, 119, 180),
+    (255, 127, 14),
+    (44, 160, 44),
+    (214, 39, 40),
+    (148, 103, 189),
+    (140, 86, 75),
+    (227, 119, 194),
+    (127, 127, 127),
+    (188, 189, 34),
+    (23, 190, 207),
+)
+WHITE: Color = (255, 255, 255)
+_NEAREST = PIL.Image.Resampling.NEAREST if hasattr(PIL.Image, "Resampling") else PIL.Image.NEAREST
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Small helpers
+# --------------------------------------------------------------------------------------------------------------
+def save_png(image: PIL.Image.Image, path: PathLike) -> Path:
+    """Write `image` as a PNG (parent folders are created) and return the path."""
+    if not isinstance(image, PIL.Image.Image):
+        raise ValueError(f"save_png: `image` must be a PIL image, got {type(image).__name__}")
+    path = Path(path)
+    if path.suffix.lower() != ".png":
+        raise ValueError(f"save_png: `path` must end in .png, got {str(path)!r}")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    image.save(path, format="PNG", optimize=True)
+    return path
+
+
+def _finish(image: PIL.Image.Image, save_to: Optional[PathLike]) -> PIL.Image.Image:
+    if save_to is not None:
+        save_png(image, save_to)
+    return image
+
+
+def _font(size: int) -> PIL.ImageFont.ImageFont:
+    """PIL's built-in font (no download); sized where this Pillow supports it (>= 10.1), else the fixed bitmap."""
+    try:
+        return PIL.ImageFont.load_default(size=size)
+    except TypeError:  # Pillow < 10.1: no size argument
+        return PIL.ImageFont.load_default()
+
+
+def _text_size(draw: PIL.ImageDraw.ImageDraw, text: str, font) -> tuple[int, int]:
+    left, top, right, bottom = draw.textbbox((0, 0), text, font=font)
+    return right - left, bottom - top
+
+
+def _put_text(draw: PIL.ImageDraw.ImageDraw, left: float, top: float, text: str, font, fill) -> None:
+    """Draw `text` with its inked box's top-left corner at (left, top) (no `anchor=`: bitmap fonts lack it)."""
+    l, t, _, _ = draw.textbbox((0, 0), text, font=font)
+    draw.text((round(left - l), round(top - t)), text, font=font, fill=fill)
+
+
+def _as_rgb(image: Any, name: str) -> PIL.Image.Image:
+    """A PIL image (converted to RGB) or an (H, W, 3) / (H, W) uint8 array -> RGB PIL image."""
+    if isinstance(image, PIL.Image.Image):
+        if image.width == 0 or image.height == 0:
+            raise ValueError(f"`{name}` is an empty image ({image.width}x{image.height})")
+        return image if image.mode == "RGB" else image.convert("RGB")
+    if isinstance(image, torch.Tensor):
+        image = image.detach().cpu().numpy()
+    if isinstance(image, np.ndarray):
+        if image.dtype != np.uint8 or image.ndim not in (2, 3) or (image.ndim == 3 and image.shape[2] != 3):
+            raise ValueError(
+                f"`{name}` must be a PIL image or an (H, W, 3) uint8 array, got an array of shape {image.shape} and "
+                f"dtype {image.dtype}"
+            )
+        if image.shape[0] == 0 or image.shape[1] == 0:
+            raise ValueError(f"`{name}` is an empty array of shape {image.shape}")
+        return PIL.Image.fromarray(image).convert("RGB")
+    raise ValueError(f"`{name}` must be a PIL image or an (H, W, 3) uint8 array, got {type(image).__name__}")
+
+
+def _as_int_list(values: Any, name: str) -> list[int]:
+    if isinstance(values, torch.Tensor):
+        values = values.detach().cpu()
+        if values.is_floating_point():
+            raise ValueError(f"`{name}` must hold integers, got a {values.dtype} tensor")
+        values = values.tolist()
+    elif isinstance(values, np.ndarray):
+        if not np.issubdtype(values.dtype, np.integer):
+            raise ValueError(f"`{name}` must hold integers, got an array of dtype {values.dtype}")
+        values = values.tolist()
+    try:
+        out = [int(v) for v in values]
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"`{name}` must be a 1-D sequence of integers: {err}") from err
+    for v, orig in zip(out, values):
+        if isinstance(orig, float) and orig != v:
+            raise ValueError(f"`{name}` must hold integers, got {orig!r}")
+    return out
+
+
+def _as_grid(grid_hw: Any, name: str = "grid_hw") -> tuple[int, int]:
+    if isinstance(grid_hw, (torch.Tensor, np.ndarray)):
+        grid_hw = grid_hw.tolist()
+    try:
+        h, w = (int(v) for v in grid_hw)
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"`{name}` must be a (rows, cols) pair of positive integers, got {grid_hw!r}") from err
+    if h <= 0 or w <= 0:
+        raise ValueError(f"`{name}` must be a (rows, cols) pair of positive integers, got {(h, w)}")
+    return h, w
+
+
+def _as_grid_list(grid_hw: Any, name: str = "grid_hw") -> list[tuple[int, int]]:
+    if isinstance(grid_hw, (torch.Tensor, np.ndarray)):
+        grid_hw = grid_hw.tolist()
+    if not isinstance(grid_hw, (list, tuple)) or len(grid_hw) == 0:
+        raise ValueError(f"`{name}` must be a non-empty (k, 2) list / tensor of (rows, cols), got {grid_hw!r}")
+    return [_as_grid(hw, f"{name}[{i}]") for i, hw in enumerate(grid_hw)]
+
+
+def _get(inputs: Any, key: str) -> Any:
+    try:
+        return inputs[key]
+    except (KeyError, TypeError, IndexError) as err:
+        raise ValueError(
+            f"`inputs` must be the image processor's output (a mapping with {key!r}); it has no {key!r}"
+        ) from err
+
+
+def _cell_size(image: PIL.Image.Image, grid: tuple[int, int], patch_size: Optional[int], name: str) -> int:
+    """The patch size in pixels of `image` for a `grid` of patches; ValueError unless the image IS that grid."""
+    h, w = grid
+    if patch_size is not None:
+        if int(patch_size) <= 0:
+            raise ValueError(f"`patch_size` must be a positive integer, got {patch_size!r}")
+        p = int(patch_size)
+        if image.size != (w * p, h * p):
+            raise ValueError(
+                f"`{name}` is {image.width}x{image.height} (WxH) but a {h}x{w} (rows x cols) grid of {p} px patches "
+                f"is {w * p}x{h * p}; pass the processor's resized image (see resized_images())"
+            )
+        return p
+    if image.width % w or image.height % h or image.width // w != image.height // h:
+        raise ValueError(
+            f"`{name}` is {image.width}x{image.height} (WxH), which is not a {h}x{w} (rows x cols) grid of square "
+            "patches; pass the processor's resized image (see resized_images())"
+        )
+    return image.width // w
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The images the model saw
+# --------------------------------------------------------------------------------------------------------------
+def resized_images(inputs: Any, num_channels: int = 3) -> list[PIL.Image.Image]:
+    """The resized RGB images exactly as the model sees them, recovered from the image processor's output.
+
+    Un-patchifies each image's rows of `packed_pixel_values` (patches row-major over the `image_grid_hw` grid;
+    `(row, col, channel)` inside a patch) and undoes the `[-1, 1]` normalisation (`round((x + 1) / 2 * 255)`), which
+    gives back the processor's uint8 pixels exactly for float32 inputs. The patch size is read off the feature
+    width (`P * P * num_channels`).
+
+    Args:
+        inputs: the processor's output (a `BatchFeature` / dict with `packed_pixel_values` and `image_grid_hw`).
+        num_channels: channels per pixel in the pack (3).
+
+    Returns:
+        one RGB `PIL.Image.Image` per image, each `(cols * P) x (rows * P)` pixels.
+    """
+    pixels = _get(inputs, "packed_pixel_values")
+    grids = _as_grid_list(_get(inputs, "image_grid_hw"), "inputs['image_grid_hw']")
+    pixels = torch.as_tensor(pixels).detach().cpu()
+    if pixels.dim() != 2:
+        raise ValueError(
+            f"`inputs['packed_pixel_values']` must be (num_patches, P*P*C), got shape {tuple(pixels.shape)}"
+        )
+    dim = pixels.shape[1]
+    p = int(round(math.sqrt(dim / num_channels)))
+    if p * p * num_channels != dim:
+        raise ValueError(
+            f"`inputs['packed_pixel_values']` rows have {dim} values, not P*P*{num_channels} for any patch size P"
+        )
+    lengths = [h * w for h, w in grids]
+    if sum(lengths) != pixels.shape[0]:
+        raise ValueError(
+            f"`inputs['packed_pixel_values']` holds {pixels.shape[0]} patches but `inputs['image_grid_hw']` "
+            f"describes {sum(lengths)} ({grids})"
+        )
+    u8 = ((pixels.to(torch.float32) + 1.0) * 127.5).round().clamp(0, 255).to(torch.uint8)
+    images = []
+    for chunk, (h, w) in zip(torch.split(u8, lengths), grids):
+        hwc = chunk.reshape(h, w, p, p, num_channels).permute(0, 2, 1, 3, 4).reshape(h * p, w * p, num_channels)
+        array = hwc.numpy()
+        images.append(PIL.Image.fromarray(array[..., 0] if num_channels == 1 else array).convert("RGB"))
+    return images
+
+
+# --------------------------------------------------------------------------------------------------------------
+# (a) patch grid + position ids
+# --------------------------------------------------------------------------------------------------------------
+def draw_patch_grid(
+    image: ImageLike,
+    grid_hw: Union[Sequence[int], torch.Tensor],
+    patch_size: Optional[int] = None,
+    position_ids: Optional[Union[Sequence[int], torch.Tensor, np.ndarray]] = None,
+    *,
+    scale: int = 1,
+    label_every: Optional[int] = None,
+    line_color: Color = WHITE,
+    save_to: Optional[PathLike] = None,
+) -> PIL.Image.Image:
+    """The patch grid (and optionally each patch's position id) drawn over a resized input image.
+
+    Args:
+        image: the resized image the model saw (see `resized_images`), a PIL image or an (H, W, 3) uint8 array;
+            it must be exactly `grid_hw` patches (W = cols * P, H = rows * P).
+        grid_hw: `(rows, cols)` of the image's patch grid (a row of the processor's `image_grid_hw`).
+        patch_size: P in pixels; inferred from the image and the grid when omitted.
+        position_ids: the image's `rows * cols` position ids, row-major (its slice of
+            `packed_flattened_position_ids`); shown in the top-left corner of every `label_every`-th patch in both
+            directions.
+        scale: integer upscaling (nearest-neighbour) before drawing, so small patches have room for labels.
+        label_every: label every k-th row and column of patches; default: the smallest k whose cells fit the
+            longest label.
+        line_color: RGB colour of the grid lines (drawn semi-transparent).
+        save_to: also write the picture to this PNG path.
+
+    Returns:
+        an RGB image of `(W * scale) x (H * scale)` pixels.
+    """
+    img = _as_rgb(image, "image")
+    grid = _as_grid(grid_hw)
+    if not isinstance(scale, int) or isinstance(scale, bool) or scale < 1:
+        raise ValueError(f"`scale` must be a positive integer, got {scale!r}")
+    if label_every is not None and (not isinstance(label_every, int) or label_every < 1):
+        raise ValueError(f"`label_every` must be a positive integer or None, got {label_every!r}")
+    p = _cell_size(img, grid, patch_size, "image")
+    h, w = grid
+    ids = None
+    if position_ids is not None:
+        ids = _as_int_list(position_ids, "position_ids")
+        if len(ids) != h * w:
+            raise ValueError(
+                f"`position_ids` has {len(ids)} entries but the {h}x{w} grid has {h * w} patches"
+            )
+    if scale != 1:
+        img = img.resize((img.width * scale, img.height * scale), _NEAREST)
+    cell = p * scale
+
+    overlay = PIL.Image.new("RGBA", img.size, (0, 0, 0, 0))
+    draw = PIL.ImageDraw.Draw(overlay)
+    line = (*line_color, 150)
+    for j in range(w + 1):
+        x = min(j * cell, img.width - 1)
+        draw.line([(x, 0), (x, img.height - 1)], fill=line, width=1)
+    for i in range(h + 1):
+        y = min(i * cell, img.height - 1)
+        draw.line([(0, y), (img.width - 1, y)], fill=line, width=1)
+
+    if ids is not None:
+        font = _font(max(8, min(12, cell - 2)))
+        longest = max((str(v) for v in ids), key=len)
+        tw, th = _text_size(draw, longest, font)
+        if label_every is None:
+            label_every = max(1, math.ceil((tw + 3) / cell), math.ceil((th + 3) / cell))
+        for i in range(0, h, label_every):
+            for j in range(0, w, label_every):
+                text = str(ids[i * w + j])
+                x, y = j * cell + 1, i * cell + 1
+                bw, bh = _text_size(draw, text, font)
+                if x + bw + 2 >= img.width or y + bh + 3 >= img.height:
+                    continue  # no room inside the picture
+                draw.rectangle([x, y, x + bw + 2, y + bh + 3], fill=(0, 0, 0, 150))
+                _put_text(draw, x + 1, y + 1, text, font, (255, 255, 255, 255))
+    out = PIL.Image.alpha_composite(img.convert("RGBA"), overlay).convert("RGB")
+    return _finish(out, save_to)
+
+
+def patch_grids(inputs: Any, *, scale: int = 1, save_to: Optional[PathLike] = None) -> list[PIL.Image.Image]:
+    """`draw_patch_grid` for every image of a processor output, with its position ids.
+
+    Args:
+        inputs: the processor's output (`packed_pixel_values`, `packed_flattened_position_ids`, `cu_seqlens`,
+            `image_grid_hw`).
+        scale: see `draw_patch_grid`.
+        save_to: also write the pictures side by side (`hstack`) to this PNG path.
+
+    Returns:
+        one picture per image (see `draw_patch_grid`).
+    """
+    images = resized_images(inputs)
+    grids = _as_grid_list(_get(inputs, "image_grid_hw"), "inputs['image_grid_hw']")
+    ids = _as_int_list(torch.as_tensor(_get(inputs, "packed_flattened_position_ids")).flatten(),
+                       "inputs['packed_flattened_position_ids']")
+    cu = _as_int_list(_get(inputs, "cu_seqlens"), "inputs['cu_seqlens']")
+    if len(cu) != len(grids) + 1 or cu[-1] != len(ids):
+        raise ValueError(
+            f"`inputs['cu_seqlens']` {cu} does not describe {len(grids)} images over {len(ids)} position ids"
+        )
+    pictures = [
+        draw_patch_grid(img, hw, position_ids=ids[cu[k] : cu[k + 1]], scale=scale)
+        for k, (img, hw) in enumerate(zip(images, grids))
+    ]
+    if save_to is not None:
+        save_png(hstack(pictures), save_to)
+    return pictures
+
+
+# --------------------------------------------------------------------------------------------------------------
+# (b) PCA of patch features
+# --------------------------------------------------------------------------------------------------------------
+def _as_feature_map(feature_map: Any, name: str) -> torch.Tensor:
+    if not isinstance(feature_map, (torch.Tensor, np.ndarray)):
+        raise ValueError(f"`{name}` must be an (h, w, C) tensor or array, got {type(feature_map).__name__}")
+    x = torch.as_tensor(feature_map).detach().cpu()
+    if x.dim() != 3 or min(x.shape) == 0:
+        raise ValueError(f"`{name}` must have shape (h, w, C) with no zero sizes, got {tuple(x.shape)}")
+    if not (x.is_floating_point() or x.dtype in (torch.int32, torch.int64)):
+        raise ValueError(f"`{name}` must hold numbers, got dtype {x.dtype}")
+    x = x.to(torch.float64)
+    if not torch.isfinite(x).all():
+        raise ValueError(f"`{name}` contains NaN or infinite values")
+    return x
+
+
+def _check_quantile(quantile: float) -> float:
+    if not isinstance(quantile, (int, float)) or not 0.0 <= float(quantile) < 0.5:
+        raise ValueError(f"`quantile` must be in [0, 0.5), got {quantile!r}")
+    return float(quantile)
+
+
+def _pca_uint8(x: torch.Tensor, quantile: float) -> torch.Tensor:
+    """(n, C) float64 -> (n, 3) uint8: centre, SVD, sign rule, robust per-component scaling (see `pca_rgb`)."""
+    n, c = x.shape
+    x = x - x.mean(dim=0, keepdim=True)
+    out = torch.full((n, 3), 128.0, dtype=torch.float64)
+    k = min(3, n, c)
+    if k > 0 and x.abs().max() > 0:
+        _, s, vh = torch.linalg.svd(x, full_matrices=False)
+        vh = vh[:k]
+        # sign: the largest-|loading| entry of each component is positive
+        signs = torch.sign(vh[torch.arange(k), vh.abs().argmax(dim=1)])
+        signs[signs == 0] = 1.0
+        comps = (x @ vh.T) * signs
+        for i in range(k):
+            if s[i] <= s[0] * 1e-9:
+                continue  # no variance along this direction: stays grey
+            col = comps[:, i]
+            lo, hi = torch.quantile(col, quantile), torch.quantile(col, 1.0 - quantile)
+            if hi - lo <= col.abs().max() * 1e-12:
+                continue
+            out[:, i] = ((col - lo) / (hi - lo)).clamp(0, 1) * 255.0
+    return out.round().to(torch.uint8)
+
+
+def pca_rgb(feature_map: Union[torch.Tensor, np.ndarray], *, quantile: float = 0.01) -> np.ndarray:
+    """The first three principal components of an `(h, w, C)` feature map as an `(h, w, 3)` uint8 RGB image.
+
+    The `h * w` feature vectors are centred and decomposed with an SVD in float64; component k (k = 0, 1, 2) becomes
+    channel k (R, G, B). Each component's sign is fixed deterministically (its loading vector's largest-|value|
+    entry is made positive) and each is scaled to 0..255 independently with a robust min / max (the `quantile` and
+    `1 - quantile` quantiles; values beyond are clipped). Components that do not exist (fewer than 3 patches or
+    channels) or carry no variance are mid-grey (128).
+
+    Args:
+        feature_map: `(h, w, C)` tensor or array, e.g. one entry of `processor.unpack(...)`.
+        quantile: the fraction clipped at each end of every component's range (0 <= quantile < 0.5).
+
+    Returns:
+        an `(h, w, 3)` uint8 numpy array.
+    """
+    q = _check_quantile(quantile)
+    x = _as_feature_map(feature_map, "feature_map")
+    h, w, c = x.shape
+    return _pca_uint8(x.reshape(h * w, c), q).reshape(h, w, 3).numpy()
+
+
+def pca_rgb_joint(
+    feature_maps: Sequence[Union[torch.Tensor, np.ndarray]], *, quantile: float = 0.01
+) -> list[np.ndarray]:
+    """`pca_rgb` with ONE PCA fitted on the patches of all maps together, so a colour means the same feature in every
+    image (the per-image `pca_rgb` picks each image's own axes and colours).
+
+    Args:
+        feature_maps: `(h_i, w_i, C)` maps with the same C (e.g. the list `processor.unpack(...)` returns).
+        quantile: see `pca_rgb` (the range is taken over all patches).
+
+    Returns:
+        one `(h_i, w_i, 3)` uint8 array per map.
+    """
+    q = _check_quantile(quantile)
+    if not isinstance(feature_maps, (list, tuple)) or not feature_maps:
+        raise ValueError("`feature_maps` must be a non-empty list of (h, w, C) maps")
+    maps = [_as_feature_map(m, f"feature_maps[{i}]") for i, m in enumerate(feature_maps)]
+    channels = {m.shape[2] for m in maps}
+    if len(channels) != 1:
+        raise ValueError(f"`feature_maps` must share one channel count C, got {[m.shape[2] for m in maps]}")
+    rgb = _pca_uint8(torch.cat([m.reshape(-1, m.shape[2]) for m in maps]), q)
+    sizes = [m.shape[0] * m.shape[1] for m in maps]
+    return [part.reshape(m.shape[0], m.shape[1], 3).numpy() for part, m in zip(torch.split(rgb, sizes), maps)]
+
+
+def _pca_panel(img: PIL.Image.Image, rgb: np.ndarray, gap: int, name: str, image_name: str) -> PIL.Image.Image:
+    h, w = rgb.shape[:2]
+    try:
+        _cell_size(img, (h, w), None, image_name)
+    except ValueError as err:
+        raise ValueError(f"`{name}` is a {h}x{w} grid that does not match `{image_name}`: {err}") from None
+    pca = PIL.Image.fromarray(rgb).resize(img.size, _NEAREST)
+    return hstack([img, pca], gap=gap)
+
+
+def _check_gap(gap: Any) -> None:
+    if not isinstance(gap, int) or isinstance(gap, bool) or gap < 0:
+        raise ValueError(f"`gap` must be a non-negative integer, got {gap!r}")
+
+
+def pca_view(
+    image: ImageLike,
+    feature_map: Union[torch.Tensor, np.ndarray],
+    *,
+    gap: int = 8,
+    quantile: float = 0.01,
+    save_to: Optional[PathLike] = None,
+) -> PIL.Image.Image:
+    """The input image side by side with the PCA picture of its features (`pca_rgb`), upsampled nearest-neighbour
+    to the image's size so every patch stays a visible square.
+
+    Args:
+        image: the resized image the model saw (see `resized_images`); its size must be the feature map's `(h, w)`
+            grid times the patch size.
+        feature_map: `(h, w, C)` features of that image (one entry of `processor.unpack(...)`).
+        gap: white pixels between the two panels.
+        quantile: see `pca_rgb`.
+        save_to: also write the picture to this PNG path.
+
+    Returns:
+        an RGB image of `(2 * W + gap) x H` pixels (W x H: the image's size).
+    """
+    img = _as_rgb(image, "image")
+    _check_gap(gap)
+    return _finish(_pca_panel(img, pca_rgb(feature_map, quantile=quantile), gap, "feature_map", "image"), save_to)
+
+
+def pca_views(
+    images: Sequence[ImageLike],
+    feature_maps: Sequence[Union[torch.Tensor, np.ndarray]],
+    *,
+    joint: bool = True,
+    gap: int = 8,
+    quantile: float = 0.01,
+    save_to: Optional[PathLike] = None,
+) -> list[PIL.Image.Image]:
+    """`pca_view` for several images; with `joint=True` (default) the colours come from one PCA over all of them
+    (`pca_rgb_joint`), so they can be compared across images.
+
+    Args:
+        images: the resized images (`resized_images(inputs)`).
+        feature_maps: their `(h, w, C)` maps (`processor.unpack(...)`), in the same order.
+        joint: one PCA for all images (True) or one per image (False, as `pca_view`).
+        gap, quantile: see `pca_view`.
+        save_to: also write the pictures one below the other (`vstack`) to this PNG path.
+
+    Returns:
+        one `(2 * W_i + gap) x H_i` picture per image.
+    """
+    if not isinstance(images, (list, tuple)) or not isinstance(feature_maps, (list, tuple)):
+        raise ValueError("`images` and `feature_maps` must be lists")
+    if len(images) != len(feature_maps) or not images:
+        raise ValueError(f"got {len(images)} `images` and {len(feature_maps)} `feature_maps`; pass one map per image")
+    _check_gap(gap)
+    imgs = [_as_rgb(im, f"images[{i}]") for i, im in enumerate(images)]
+    if joint:
+        rgbs = pca_rgb_joint(feature_maps, quantile=quantile)
+    else:
+        rgbs = [pca_rgb(m, quantile=quantile) for m in feature_maps]
+    pictures = [
+        _pca_panel(im, rgb, gap, f"feature_maps[{i}]", f"images[{i}]") for i, (im, rgb) in enumerate(zip(imgs, rgbs))
+    ]
+    if save_to is not None:
+        save_png(vstack(pictures, gap=gap), save_to)
+    return pictures
+
+
+# --------------------------------------------------------------------------------------------------------------
+# (c) the pack
+# --------------------------------------------------------------------------------------------------------------
+def pack_strip(
+    cu_seqlens: Union[Sequence[int], torch.Tensor, np.ndarray],
+    grid_hw: Optional[Union[Sequence[Sequence[int]], torch.Tensor, np.ndarray]] = None,
+    labels: Optional[Sequence[str]] = None,
+    *,
+    width: int = 800,
+    height: int = 72,
+    save_to: Optional[PathLike] = None,
+) -> PIL.Image.Image:
+    """A strip picture of one pack: where each image's tokens sit in the packed sequence.
+
+    Image k's tokens `[cu_seqlens[k], cu_seqlens[k+1])` fill the columns `[round(cu_seqlens[k] * width / N),
+    round(cu_seqlens[k+1] * width / N))` of a horizontal bar (N = `cu_seqlens[-1]`) in colour `PALETTE[k % 10]`, so
+    colour changes sit exactly at the scaled `cu_seqlens` (an image shorter than N / width tokens may get no column).
+    Labels (above the bar) and the `cu_seqlens` values (below it) are drawn only where they fit; row `height // 2` is
+    always inside the bar and holds nothing but segment colours.
+
+    Args:
+        cu_seqlens: `[0, n1, n1 + n2, ..., N]` (the processor's / model's `cu_seqlens`).
+        grid_hw: optional `(k, 2)` patch grids; each must hold its image's token count. Added to the labels.
+        labels: optional one label per image (default `"image k"`).
+        width, height: picture size in pixels (height >= 8; text needs height >= 48).
+        save_to: also write the picture to this PNG path.
+
+    Returns:
+        an RGB image of `width x height` pixels.
+    """
+    cu = _as_int_list(cu_seqlens, "cu_seqlens")
+    if len(cu) < 2 or cu[0] != 0 or any(b <= a for a, b in zip(cu, cu[1:])):
+        raise ValueError(f"`cu_seqlens` must be [0, n1, n1+n2, ...], strictly increasing, >= 2 entries; got {cu}")
+    k = len(cu) - 1
+    lengths = [b - a for a, b in zip(cu, cu[1:])]
+    grids = None
+    if grid_hw is not None:
+        grids = _as_grid_list(grid_hw)
+        if len(grids) != k:
+            raise ValueError(f"`grid_hw` has {len(grids)} grids but `cu_seqlens` describes {k} images")
+        for i, ((gh, gw), n) in enumerate(zip(grids, lengths)):
+            if gh * gw != n:
+                raise ValueError(
+                    f"`grid_hw[{i}]` = {gh}x{gw} = {gh * gw} patches, but `cu_seqlens` gives image {i} {n}"
+                )
+    if labels is not None:
+        labels = [str(t) for t in labels]
+        if len(labels) != k:
+            raise ValueError(f"`labels` has {len(labels)} entries but `cu_seqlens` describes {k} images")
+    for name, value, least in (("width", width, 2), ("height", height, 8)):
+        if not isinstance(value, int) or isinstance(value, bool) or value < least:
+            raise ValueError(f"`{name}` must be an integer >= {least}, got {value!r}")
+
+    total = cu[-1]
+    xs = [int(round(c * width / total)) for c in cu]
+    text = height >= 48
+    band = (height - 4) // 3 if text else 0
+    top, bottom = (band + 2, height - band - 2) if text else (0, height)
+    pic = PIL.Image.new("RGB", (width, height), WHITE)
+    draw = PIL.ImageDraw.Draw(pic)
+    for i in range(k):
+        if xs[i + 1] > xs[i]:
+            draw.rectangle([xs[i], top, xs[i + 1] - 1, bottom - 1], fill=PALETTE[i % len(PALETTE)])
+    if text:
+        font = _font(max(8, min(12, band - 2)))
+        for i in range(k):
+            base = labels[i] if labels is not None else f"image {i}"
+            options = [base]
+            if grids is not None:
+                options.insert(0, f"{base}: {grids[i][0]}x{grids[i][1]} = {lengths[i]}")
+            else:
+                options.insert(0, f"{base}: {lengths[i]}")
+            options.append(str(i))
+            room = xs[i + 1] - xs[i]
+            for option in options:
+                tw, th = _text_size(draw, option, font)
+                if tw + 2 <= room:
+                    _put_text(draw, (xs[i] + xs[i + 1] - tw) / 2, top - 3 - th, option, font, (0, 0, 0))
+                    break
+        right_edge = -10
+        for i, x in enumerate(xs):  # the cu_seqlens values under the bar, where they do not overlap
+            label = str(cu[i])
+            tw, _ = _text_size(draw, label, font)
+            x_tick = min(x, width - 1)
+            draw.line([(x_tick, bottom), (x_tick, bottom + 3)], fill=(0, 0, 0))
+            left = min(max(0, x_tick - tw // 2), width - tw)
+            if left > right_edge + 3:
+                _put_text(draw, left, bottom + 5, label, font, (0, 0, 0))
+                right_edge = left + tw
+    return _finish(pic, save_to)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Layout
+# --------------------------------------------------------------------------------------------------------------
+def hstack(images: Sequence[ImageLike], *, gap: int = 8, background: Color = WHITE) -> PIL.Image.Image:
+    """Images side by side (top-aligned) on a `background` canvas, `gap` pixels apart."""
+    return _stack(images, gap, background, horizontal=True)
+
+
+def vstack(images: Sequence[ImageLike], *, gap: int = 8, background: Color = WHITE) -> PIL.Image.Image:
+    """Images one below the other (left-aligned) on a `background` canvas, `gap` pixels apart."""
+    return _stack(images, gap, background, horizontal=False)
+
+
+def _stack(images: Sequence[ImageLike], gap: int, background: Color, horizontal: bool) -> PIL.Image.Image:
+    if not isinstance(images, (list, tuple)) or not images:
+        raise ValueError("`images` must be a non-empty list of images")
+    if not isinstance(gap, int) or isinstance(gap, bool) or gap < 0:
+        raise ValueError(f"`gap` must be a non-negative integer, got {gap!r}")
+    imgs = [_as_rgb(im, f"images[{i}]") for i, im in enumerate(images)]
+    if horizontal:
+        size = (sum(im.width for im in imgs) + gap * (len(imgs) - 1), max(im.height for im in imgs))
+    else:
+        size = (max(im.width for im in imgs), sum(im.height for im in imgs) + gap * (len(imgs) - 1))
+    canvas = PIL.Image.new("RGB", size, tuple(background))
+    offset = 0
+    for im in imgs:
+        canvas.paste(im, (offset, 0) if horizontal else (0, offset))
+        offset += (im.width if horizontal else im.height) + gap
+    return canvas
