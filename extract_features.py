@@ -30,6 +30,7 @@ import json
 import logging
 import math
 import os
+import signal
 import sys
 import time
 from dataclasses import asdict, dataclass, field
@@ -289,6 +290,10 @@ def _read_shard_metadata(path: Path) -> Optional[dict]:
         return None
 
 
+_UMASK = os.umask(0o022)
+os.umask(_UMASK)
+
+
 def write_shard(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
     """Write a shard atomically: a temporary file in the same folder, renamed over the final name once complete.
     An interrupted write (Ctrl-C, a crash) leaves no file under the final name and removes its temporary."""
@@ -297,6 +302,7 @@ def write_shard(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
         save_file(tensors, str(tmp), metadata=metadata)
+        os.chmod(tmp, 0o666 & ~_UMASK)  # safetensors creates files 0600; give them the usual permissions
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
@@ -383,6 +389,8 @@ def make_plan(output: Path, ids: list, settings: dict, shard_size: Optional[int]
             )
         for name in leftovers:
             (output / name).unlink()
+    for stale in output.glob(".shard-*.safetensors.tmp-*"):  # left by a process killed with SIGKILL
+        stale.unlink(missing_ok=True)
     if shard_size is None:  # balanced over the ranks, at most DEFAULT_SHARD_SIZE images per shard
         shard_size = max(1, min(DEFAULT_SHARD_SIZE, math.ceil(len(ids) / world_size)))
     return Plan(fingerprint, len(ids), shard_size, math.ceil(len(ids) / shard_size))
@@ -745,8 +753,15 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _terminate(signum, frame):
+    """SIGTERM (what torchrun sends its workers on Ctrl-C) unwinds like Ctrl-C, so no temporary file is left."""
+    raise KeyboardInterrupt
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
+    if __name__ == "__main__":
+        signal.signal(signal.SIGTERM, _terminate)
     logging.basicConfig(level=logging.INFO, format=f"[rank {os.environ.get('RANK', '0')}] %(levelname)s %(message)s")
     try:
         run(args)

@@ -153,6 +153,8 @@ def test_folder_input_matches_per_image_forwards_and_skips_broken_files(model_di
     ids_in_order = [i for s in manifest["shards"] for i in s["ids"]]
     assert ids_in_order == [i for i in sorted(map(str, (p for p in image_dir.rglob("*") if p.is_file()))) if i in found]
     assert all(len(s["ids"]) + len(s["skipped"]) <= 4 for s in manifest["shards"])
+    modes = {(out / name).stat().st_mode & 0o777 for name in ["manifest.json"] + [s["file"] for s in manifest["shards"]]}
+    assert len(modes) == 1, f"shards and manifest should share the umask's permissions, got {sorted(map(oct, modes))}"
     run = manifest["last_run"]
     assert run["largest_forward"] <= 300 and run["forwards"] >= -(-run["patches"] // 300)
     assert 0 < run["packing_efficiency"] <= 1
@@ -274,7 +276,7 @@ def test_torchrun_two_gloo_processes_cover_every_input_once(model_dir, image_dir
     out = tmp_path / "feats"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nnodes", "1", "--nproc-per-node", "2",
            str(ROOT / "extract_features.py"), "--model", str(model_dir), "--input", str(image_dir), "--output", str(out),
-           "--max-patches-per-batch", "400", "--num-workers", "1", "--save-grids"]  # fmt: skip
+           "--max-patches-per-batch", "400", "--num-workers", "1", "--save-grids", "--device", "cpu"]  # fmt: skip
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH="")
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300, stdin=subprocess.DEVNULL)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -289,3 +291,20 @@ def test_torchrun_two_gloo_processes_cover_every_input_once(model_dir, image_dir
         assert grid == ref[path][1]
         torch.testing.assert_close(pooled, ref[path][0], atol=1e-5, rtol=1e-5)
         torch.testing.assert_close(fmap, ref[path][2], atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (NCCL); the gloo test above covers CPU")
+def test_torchrun_nccl_one_process_per_gpu(model_dir, image_dir, tmp_path):
+    out = tmp_path / "feats"
+    n = torch.cuda.device_count()
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nnodes", "1", "--nproc-per-node", str(n),
+           str(ROOT / "extract_features.py"), "--model", str(model_dir), "--input", str(image_dir), "--output", str(out),
+           "--max-patches-per-batch", "400", "--num-workers", "1"]  # fmt: skip
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, stdin=subprocess.DEVNULL)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    manifest, found = read_outputs(out)
+    assert manifest["complete"] and sorted(found) == good_paths(image_dir)
+    ref = reference(model_dir, good_paths(image_dir))
+    for path, (pooled, grid, _) in found.items():
+        assert grid == ref[path][1]
+        torch.testing.assert_close(pooled, ref[path][0], atol=1e-4, rtol=1e-4)  # fp32 on the GPU vs the CPU
