@@ -1,6 +1,7 @@
 """Shared test helpers: import the repo-root remote-code files as a package, tiny configs, packs."""
 
 import importlib.util
+import json
 import shutil
 import sys
 import uuid
@@ -8,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import save_file
 
 ROOT = Path(__file__).resolve().parents[1]
 REMOTE_CODE_FILES = ["configuration_siglip_navit.py", "modeling_siglip_navit.py", "image_processing_siglip_navit.py"]
@@ -91,6 +93,22 @@ def copy_remote_code(target: Path) -> Path:
     target.mkdir(parents=True, exist_ok=True)
     for name in REMOTE_CODE_FILES:
         shutil.copy(ROOT / name, target / name)
+    return target
+
+
+def build_hub_dir(tmp_path: Path, config, model, extra_tensors=None) -> Path:
+    """What a user downloads: remote-code files + config.json + model.safetensors (format=pt metadata)."""
+    target = copy_remote_code(unique_dir(tmp_path, "hubdir"))
+    data = config.to_dict()
+    data["auto_map"] = {
+        "AutoConfig": "configuration_siglip_navit.SiglipNaViTConfig",
+        "AutoModel": "modeling_siglip_navit.SiglipVisionModel",
+    }
+    data.pop("_attn_implementation_autoset", None)
+    (target / "config.json").write_text(json.dumps(data, indent=2))
+    state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+    state.update(extra_tensors or {})
+    save_file(state, str(target / "model.safetensors"), metadata={"format": "pt"})
     return target
 
 

@@ -10,7 +10,7 @@ import sys
 import numpy as np
 import pytest
 import torch
-from conftest import ROOT, copy_remote_code, make_model, tiny_config, unique_dir
+from conftest import ROOT, build_hub_dir, make_model, tiny_config
 from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
@@ -32,19 +32,8 @@ SIZES = [(40, 24), (64, 64), (100, 30), (17, 50), (64, 64), (33, 33), (20, 80), 
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("model")
-    target = copy_remote_code(unique_dir(tmp, "extract_model"))
     config = tiny_config(image_size=64, rope=True)
-    model = make_model(config)
-    data = config.to_dict()
-    data["auto_map"] = {
-        "AutoConfig": "configuration_siglip_navit.SiglipNaViTConfig",
-        "AutoModel": "modeling_siglip_navit.SiglipVisionModel",
-    }
-    data.pop("_attn_implementation_autoset", None)
-    (target / "config.json").write_text(json.dumps(data, indent=2))
-    state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
-    save_file(state, str(target / "model.safetensors"), metadata={"format": "pt"})
+    target = build_hub_dir(tmp_path_factory.mktemp("model"), config, make_model(config))
     (target / "preprocessor_config.json").write_text(json.dumps(PROCESSOR, indent=2))
     return target
 
@@ -181,7 +170,7 @@ def test_rerun_skips_finished_shards_and_redoes_missing_ones(model_dir, image_di
 
 def test_interrupted_run_leaves_no_partial_shard_and_resumes(model_dir, image_dir, tmp_path, monkeypatch):
     out = tmp_path / "feats"
-    real_save = __import__("safetensors.torch", fromlist=["save_file"]).save_file
+    real_save = save_file
     calls = []
 
     def save_then_interrupt(tensors, filename, metadata=None):
@@ -308,3 +297,27 @@ def test_torchrun_nccl_one_process_per_gpu(model_dir, image_dir, tmp_path):
     for path, (pooled, grid, _) in found.items():
         assert grid == ref[path][1]
         torch.testing.assert_close(pooled, ref[path][0], atol=1e-4, rtol=1e-4)  # fp32 on the GPU vs the CPU
+
+
+def test_hub_dataset_id_goes_through_load_dataset(model_dir, image_dir, tmp_path, monkeypatch):
+    """A name that is no local path is a Hub dataset id: passed to datasets.load_dataset with --split (no network
+    here, so load_dataset is replaced by a local dataset; the wiring around it is what is tested)."""
+    import datasets
+
+    paths = good_paths(image_dir)[:3]
+    local = datasets.Dataset.from_dict({"img": paths, "caption": ["a", "b", "c"]}).cast_column("img", datasets.Image())
+    calls = []
+
+    def fake_load_dataset(name, split=None, **kwargs):
+        calls.append((name, split))
+        return local
+
+    monkeypatch.setattr(datasets, "load_dataset", fake_load_dataset)
+    out = tmp_path / "feats"
+    assert extract(model_dir, "someone/some-images", out, "--split", "validation") == 0
+    assert calls == [("someone/some-images", "validation")]
+    manifest, found = read_outputs(out)
+    assert manifest["input"] == "someone/some-images" and sorted(found) == [0, 1, 2]
+    ref = reference(model_dir, paths)
+    for i, path in enumerate(paths):
+        torch.testing.assert_close(found[i][0], ref[path][0], atol=1e-5, rtol=1e-5)

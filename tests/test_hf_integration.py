@@ -11,6 +11,7 @@ import pytest
 import torch
 import transformers
 from conftest import (
+    build_hub_dir,
     DTYPE_KWARG,
     ROOT,
     cfg_mod,
@@ -51,22 +52,6 @@ def forward(model, pack):
 
 
 # ---- loading from a directory, the Hub way --------------------------------------------------------------------
-
-
-def build_hub_dir(tmp_path, config, model, extra_tensors=None):
-    """What a user downloads: remote-code files + config.json + model.safetensors (format=pt metadata)."""
-    target = copy_remote_code(unique_dir(tmp_path, "hubdir"))
-    data = config.to_dict()
-    data["auto_map"] = {
-        "AutoConfig": "configuration_siglip_navit.SiglipNaViTConfig",
-        "AutoModel": "modeling_siglip_navit.SiglipVisionModel",
-    }
-    data.pop("_attn_implementation_autoset", None)
-    (target / "config.json").write_text(json.dumps(data, indent=2))
-    state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
-    state.update(extra_tensors or {})
-    save_file(state, str(target / "model.safetensors"), metadata={"format": "pt"})
-    return target
 
 
 @pytest.mark.parametrize("rope", [False, True])
