@@ -5,10 +5,11 @@
     python extract_features.py --model MODEL_DIR_OR_REPO --input "photos/**/*.jpg" --output feats/
     torchrun --nproc-per-node 8 extract_features.py --model ... --input ... --output ...
 
-Input: a folder (searched recursively for image files), a glob, a text file of paths (one per line), a saved
-Hugging Face `datasets` dataset (a `save_to_disk` folder) or a Hub dataset id. Output: `DIR/manifest.json` and
-safetensors shards holding, in the manifest's `ids` order, `pooled` (n, C) float32 (the mean over each image's
-patches), `grid_hw` (n, 2) int64 and, with `--save-grids`, `features.{j}` (h_j, w_j, C) per image j.
+Input: a folder (searched recursively for image files), a glob, a .txt / .lst file of paths (one per line), one
+image file, a saved Hugging Face `datasets` dataset (a `save_to_disk` folder) or a Hub dataset id.
+Output: `DIR/manifest.json` and safetensors shards holding, in the manifest's `ids` order, `pooled` (n, C) float32
+(the mean over each image's patches), `grid_hw` (n, 2) int64 and, with `--save-grids`, `features.{j}` (h_j, w_j, C)
+per image j.
 
 How it works:
 - The inputs are cut into shards of `--shard-size` images; rank r of a world of W processes takes the shards
@@ -16,24 +17,34 @@ How it works:
 - Within a shard, each image's patch grid is computed from its header alone, then the images are grouped
   first-fit-decreasing into forwards of at most `--max-patches-per-batch` patches: the NaViT point -- no padding,
   little budget wasted. Images are decoded and preprocessed by DataLoader workers while the model runs.
-- Shards are written atomically (temporary file + rename); a rerun skips the shards already on disk.
-  Unreadable images are logged with their id and skipped (listed in the manifest), never crashing the run.
+- Shards are written atomically (temporary file + fsync + rename); a rerun skips the shards already on disk. A run
+  is fingerprinted (inputs, weights, settings): a different run into the same folder is refused.
+- Unreadable images are logged with their id and skipped (listed in the manifest), never crashing the run; file
+  system failures (I/O errors, too many open files, ...) stop it instead, so a rerun retries those images.
+- The model code is the one next to this script (--model gives config + weights); --trust-remote-code runs the
+  code of --model's own repo instead.
 """
 
 from __future__ import annotations
 
 import argparse
+import errno
 import glob
 import hashlib
+import importlib
+import importlib.util
 import io
 import json
 import logging
 import math
 import os
 import signal
+import struct
 import sys
 import time
+import zlib
 from dataclasses import asdict, dataclass, field
+from datetime import timedelta
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence, Union
 
@@ -48,6 +59,7 @@ MANIFEST = "manifest.json"
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff", ".ppm", ".pgm")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 DEFAULT_SHARD_SIZE = 256
+REMOTE_CODE_FILES = ("configuration_siglip_navit.py", "modeling_siglip_navit.py", "image_processing_siglip_navit.py")
 
 ImageId = Union[str, int]
 
@@ -85,10 +97,14 @@ def plan_batches(lengths: Sequence[int], budget: int) -> list[list[int]]:
 
 
 # --------------------------------------------------------------------------------------------------------------
-# Inputs: ids -> lazily opened PIL images
+# Inputs: ids -> image sizes (headers only) and decoded images
 # --------------------------------------------------------------------------------------------------------------
+LIST_EXTENSIONS = (".txt", ".lst")
+
+
 class FileSource:
-    """Image files; an image's id is its path as found."""
+    """Image files; an image's id is its path as found. Images are read as stored (EXIF orientation is not applied),
+    exactly as `processor(Image.open(path))` and BAGEL read them."""
 
     kind = "files"
 
@@ -99,37 +115,68 @@ class FileSource:
                 raise UsageError(f"--input lists {path!r} twice; every image must appear once")
             seen.add(path)
         self.ids: list[ImageId] = paths
+        self.identity: dict = {"kind": "files"}  # the ids (paths) themselves are fingerprinted
 
-    def open(self, image_id: ImageId) -> PIL.Image.Image:
-        return PIL.Image.open(image_id)
+    def size(self, image_id: ImageId) -> tuple[int, int]:
+        with PIL.Image.open(image_id) as image:
+            return image.size
+
+    def load(self, image_id: ImageId) -> PIL.Image.Image:
+        with PIL.Image.open(image_id) as image:
+            image.load()  # decodes; the file is closed on leaving the block, the pixels stay
+        return image
 
 
 class DatasetSource:
-    """A `datasets.Dataset`'s image column; an image's id is its row index. Rows are read undecoded (bytes / path)
-    so that a corrupt image is one skipped row, not a crashed run."""
+    """A `datasets.Dataset`'s image column; an image's id is its row index. Rows are read undecoded (bytes / path,
+    that column alone) and decoded by `datasets` itself, so an image is exactly `dataset[i][column]` (EXIF
+    orientation applied, remote paths opened by `datasets`), and a corrupt image is one skipped row."""
 
     kind = "dataset"
 
-    def __init__(self, dataset: Any, column: str):
+    def __init__(self, dataset: Any, column: str, identity: dict):
         import datasets
 
-        self.dataset = dataset.cast_column(column, datasets.Image(decode=False))
         self.column = column
+        self.dataset = dataset.select_columns([column]).cast_column(column, datasets.Image(decode=False))
+        self.decoder = datasets.Image()
         self.ids = list(range(len(dataset)))
+        # `_fingerprint` is datasets' own hash of the data (and of its transforms): a different dataset of the same
+        # length must not pass for this one when a run resumes
+        self.identity = {
+            "kind": "dataset",
+            **identity,
+            "column": column,
+            "data": getattr(dataset, "_fingerprint", None),
+        }
 
-    def open(self, image_id: ImageId) -> PIL.Image.Image:
+    def _value(self, image_id: ImageId) -> dict:
         value = self.dataset[int(image_id)][self.column]
-        if value is None:
-            raise ValueError("the row has no image")
+        if value is None or (value.get("bytes") is None and not value.get("path")):
+            raise ValueError(f"row {image_id}: column {self.column!r} holds no image")
+        return value
+
+    def size(self, image_id: ImageId) -> tuple[int, int]:
+        value = self._value(image_id)
+        # The header suffices: the EXIF rotation `datasets` applies at decode time only transposes the size, and the
+        # resize rule is symmetric in (width, height), so the patch COUNT (all the plan needs) is the same.
         if value.get("bytes") is not None:
-            return PIL.Image.open(io.BytesIO(value["bytes"]))
-        if value.get("path"):
-            return PIL.Image.open(value["path"])
-        raise ValueError("the row's image has neither bytes nor a path")
+            fp: Any = io.BytesIO(value["bytes"])
+        elif os.path.isfile(value["path"]):
+            fp = value["path"]
+        else:  # a remote path: let datasets fetch and decode it
+            return self.load(image_id).size
+        with PIL.Image.open(fp) as image:
+            return image.size
+
+    def load(self, image_id: ImageId) -> PIL.Image.Image:
+        return self.decoder.decode_example(self._value(image_id))
 
 
 def _is_saved_dataset(path: Path) -> bool:
-    return path.is_dir() and any((path / name).is_file() for name in ("dataset_info.json", "state.json", "dataset_dict.json"))
+    return path.is_dir() and any(
+        (path / name).is_file() for name in ("dataset_info.json", "state.json", "dataset_dict.json")
+    )
 
 
 def _pick_split(dataset: Any, split: Optional[str], spec: str) -> Any:
@@ -144,6 +191,8 @@ def _pick_split(dataset: Any, split: Optional[str], spec: str) -> Any:
         if split not in dataset:
             raise UsageError(f"--split {split!r} is not in dataset {spec!r}; it has {names}")
         return dataset[split]
+    if split is not None and not isinstance(dataset, datasets.Dataset):
+        raise UsageError(f"--input {spec!r} is not a datasets.Dataset ({type(dataset).__name__})")
     return dataset
 
 
@@ -159,53 +208,105 @@ def _image_column(dataset: Any, column: Optional[str], spec: str) -> str:
         return column
     image_columns = [name for name, feature in features.items() if isinstance(feature, datasets.Image)]
     if not image_columns:
-        raise UsageError(f"dataset {spec!r} has no image column (columns: {list(features)}); name one with --image-column")
+        raise UsageError(
+            f"dataset {spec!r} has no image column (columns: {list(features)}); name one with --image-column"
+        )
     return image_columns[0]
 
 
-def resolve_input(spec: str, split: Optional[str] = None, image_column: Optional[str] = None):
-    """`--input` -> a FileSource or DatasetSource (see the module docstring for what is accepted)."""
+def _dataset_source(dataset: Any, spec: str, split: Optional[str], image_column: Optional[str], identity: dict):
+    dataset = _pick_split(dataset, split, spec)
+    return DatasetSource(
+        dataset, _image_column(dataset, image_column, spec), {"input": spec, "split": split, **identity}
+    )
+
+
+def _unique_files(paths: list[str]) -> list[str]:
+    """Sorted, one path per real file (a glob through a symlinked folder, or a link loop, finds files twice)."""
+    seen, out = set(), []
+    for path in sorted(paths):
+        real = os.path.realpath(path)
+        if real not in seen:
+            seen.add(real)
+            out.append(path)
+    return out
+
+
+def resolve_input(
+    spec: str, split: Optional[str] = None, image_column: Optional[str] = None, dataset_config: Optional[str] = None
+):
+    """`--input` -> a FileSource or DatasetSource. Tried in order: a saved `datasets` folder, a folder of images, a
+    file (a .txt / .lst list of paths, one per line, relative to the working directory; anything else is one
+    image), a glob, and last a Hub dataset id."""
     path = Path(spec)
+    is_files = not _is_saved_dataset(path) and (path.exists() or glob.has_magic(spec))
+    if split is not None and is_files:
+        raise UsageError(f"--split {split!r} applies to datasets input only; --input {spec!r} is files")
     if _is_saved_dataset(path):
         import datasets
 
-        dataset = _pick_split(datasets.load_from_disk(str(path)), split, spec)
-        return DatasetSource(dataset, _image_column(dataset, image_column, spec))
+        return _dataset_source(datasets.load_from_disk(str(path)), spec, split, image_column, {})
     if path.is_dir():
-        files = sorted(str(p) for p in path.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
+        found = [p for p in path.rglob("*") if p.is_file()]
+        files = sorted(str(p) for p in found if p.suffix.lower() in IMAGE_EXTENSIONS)
+        if len(files) < len(found):
+            logger.info("--input folder: %d files without an image extension ignored", len(found) - len(files))
         if not files:
             raise UsageError(f"--input folder {spec!r} holds no image files ({', '.join(IMAGE_EXTENSIONS)})")
         return FileSource(files)
-    if glob.has_magic(spec):
-        files = sorted(p for p in glob.glob(spec, recursive=True) if os.path.isfile(p))
-        if not files:
-            raise UsageError(f"--input glob {spec!r} matches no files")
-        return FileSource(files)
     if path.is_file():
-        if path.suffix.lower() in IMAGE_EXTENSIONS:
+        if path.suffix.lower() not in LIST_EXTENSIONS:
             return FileSource([spec])
-        lines = [line.strip() for line in path.read_text().splitlines()]
+        try:
+            lines = [line.strip() for line in path.read_text().splitlines()]
+        except UnicodeDecodeError as exc:
+            raise UsageError(
+                f"--input {spec!r}: a {path.suffix} file is read as a list of paths, and is not text"
+            ) from exc
         files = [line for line in lines if line and not line.startswith("#")]
         if not files:
             raise UsageError(f"--input list {spec!r} names no files")
+        return FileSource(files)
+    if glob.has_magic(spec):
+        files = _unique_files([p for p in glob.glob(spec, recursive=True) if os.path.isfile(p)])
+        if not files:
+            raise UsageError(f"--input glob {spec!r} matches no files")
         return FileSource(files)
     if spec.startswith((".", "/", "~")) or spec.count("/") > 1:  # a path, not an "owner/name" Hub id
         raise UsageError(f"--input {spec!r}: no such file, folder or glob")
     try:  # a Hub dataset id (or any name `datasets.load_dataset` accepts)
         import datasets
 
-        dataset = datasets.load_dataset(spec, split=split)
+        dataset = datasets.load_dataset(spec, name=dataset_config, split=split)
     except Exception as exc:
         raise UsageError(f"--input {spec!r} is no file, folder or glob, and no loadable dataset: {exc}") from exc
-    dataset = _pick_split(dataset, split, spec)
-    return DatasetSource(dataset, _image_column(dataset, image_column, spec))
+    return _dataset_source(dataset, spec, split, image_column, {"config": dataset_config})
 
 
 # --------------------------------------------------------------------------------------------------------------
 # Decoding + preprocessing (runs in DataLoader workers)
 # --------------------------------------------------------------------------------------------------------------
-# Errors that are bugs, not bad images: never swallowed as "skip this image".
-_BUG_ERRORS = (NameError, AttributeError, ImportError, TypeError, AssertionError, NotImplementedError)
+# OSErrors of the file system that are NOT the image's fault: the run stops (a rerun resumes) instead of recording
+# the image as skipped for good. Missing / unreadable files are skipped (logged and listed), like corrupt ones.
+_SKIPPABLE_ERRNOS = {
+    errno.ENOENT,
+    errno.EACCES,
+    errno.EPERM,
+    errno.EISDIR,
+    errno.ENOTDIR,
+    errno.ELOOP,
+    errno.ENAMETOOLONG,
+}
+
+
+def is_bad_image_error(exc: BaseException) -> bool:
+    """True for errors that mean "this image cannot be used" (corrupt, truncated, unsupported, missing,
+    unreadable, too large); False for everything else (bugs, out of memory, I/O failures), which stop the run."""
+    if isinstance(exc, OSError):  # PIL's decode errors are OSErrors without an errno ("image file is truncated")
+        return exc.errno is None or exc.errno in _SKIPPABLE_ERRNOS
+    return isinstance(
+        exc, (ValueError, SyntaxError, EOFError, struct.error, zlib.error, PIL.Image.DecompressionBombError)
+    )
 
 
 def _error_text(exc: BaseException) -> str:
@@ -213,8 +314,9 @@ def _error_text(exc: BaseException) -> str:
 
 
 class BatchLoader(torch.utils.data.Dataset):
-    """Item b = forward b of a shard: its images decoded and packed by the image processor. Images that fail to
-    decode or preprocess are reported back (id, error) and left out of the pack."""
+    """Item b = forward b of a shard: its images decoded and preprocessed one at a time (only the small patch
+    tensors are kept, never all full-size decodes at once), then joined into one pack. Images that cannot be used
+    are reported back as (id, error) and left out of the pack."""
 
     def __init__(self, source: Any, processor: Any, batches: list[list[ImageId]]):
         self.source, self.processor, self.batches = source, processor, batches
@@ -222,35 +324,17 @@ class BatchLoader(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.batches)
 
-    def _decode(self, image_id: ImageId) -> PIL.Image.Image:
-        with self.source.open(image_id) as image:
-            image.load()
-            return image.copy()
-
     def __getitem__(self, b: int) -> dict:
-        images, ids, errors = [], [], []
+        packs, ids, errors = [], [], []
         for image_id in self.batches[b]:
             try:
-                images.append(self._decode(image_id))
+                packs.append(self.processor(images=self.source.load(image_id)))
                 ids.append(image_id)
             except Exception as exc:
-                if isinstance(exc, _BUG_ERRORS):
+                if not is_bad_image_error(exc):
                     raise
                 errors.append((image_id, _error_text(exc)))
-        try:
-            pack = dict(self.processor(images=images, return_tensors="pt")) if images else None
-        except Exception:  # rare (e.g. an image mode the processor rejects): find the culprits one by one
-            keep = []
-            for image_id, image in zip(ids, images):
-                try:
-                    self.processor(images=image)
-                    keep.append((image_id, image))
-                except Exception as exc:
-                    if isinstance(exc, _BUG_ERRORS):
-                        raise
-                    errors.append((image_id, _error_text(exc)))
-            ids, images = [k[0] for k in keep], [k[1] for k in keep]
-            pack = dict(self.processor(images=images, return_tensors="pt")) if images else None
+        pack = dict(self.processor.concatenate_packs(packs)) if packs else None
         return {"pack": pack, "ids": ids, "errors": errors}
 
 
@@ -265,11 +349,32 @@ def shard_name(k: int, num_shards: int) -> str:
     return f"shard-{k:05d}-of-{num_shards:05d}.safetensors"
 
 
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+_UMASK = os.umask(0o022)
+os.umask(_UMASK)
+
+
+def _atomic_replace(tmp: Path, path: Path) -> None:
+    """Make `tmp` durable, then rename it over `path` (atomic on POSIX), then make the rename durable."""
+    os.chmod(tmp, 0o666 & ~_UMASK)  # safetensors creates files 0600; give them the usual permissions
+    _fsync(tmp)
+    os.replace(tmp, path)
+    if os.name == "posix":
+        _fsync(path.parent)
+
+
 def _atomic_write_text(path: Path, text: str) -> None:
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
         tmp.write_text(text)
-        os.replace(tmp, path)
+        _atomic_replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
 
@@ -278,6 +383,8 @@ def _read_shard_metadata(path: Path) -> Optional[dict]:
     """The metadata of a finished shard, or None if the file is missing or unreadable."""
     from safetensors import safe_open
 
+    if not path.is_file():
+        return None
     try:
         with safe_open(str(path), framework="pt") as f:
             metadata = f.metadata() or {}
@@ -290,22 +397,33 @@ def _read_shard_metadata(path: Path) -> Optional[dict]:
         return None
 
 
-_UMASK = os.umask(0o022)
-os.umask(_UMASK)
-
-
 def write_shard(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
-    """Write a shard atomically: a temporary file in the same folder, renamed over the final name once complete.
-    An interrupted write (Ctrl-C, a crash) leaves no file under the final name and removes its temporary."""
+    """Write a shard atomically: a temporary file in the same folder, synced, renamed over the final name once
+    complete. An interrupted write (Ctrl-C, a crash) leaves no file under the final name and removes its temporary."""
     from safetensors.torch import save_file
 
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
         save_file(tensors, str(tmp), metadata=metadata)
-        os.chmod(tmp, 0o666 & ~_UMASK)  # safetensors creates files 0600; give them the usual permissions
-        os.replace(tmp, path)
+        _atomic_replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def lock_output(output: Path):
+    """Rank 0 holds an exclusive lock on `--output` for the whole run: a second run into the same folder is refused
+    instead of deleting the first one's temporary files. Released when the process exits."""
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - not POSIX: no lock
+        return None
+    handle = open(output / ".lock", "w")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as exc:
+        handle.close()
+        raise UsageError(f"--output {str(output)!r} is in use by another extract_features.py run") from exc
+    return handle
 
 
 @dataclass
@@ -323,40 +441,62 @@ def _fingerprint(ids: list, settings: dict) -> str:
     return digest.hexdigest()[:32]
 
 
-def build_manifest(output: Path, plan: Plan, header: dict, complete: bool, summary: Optional[dict] = None) -> dict:
-    """The manifest from the shard files on disk (the ground truth: a shard file exists only once complete)."""
-    shards, skipped = [], []
-    for k in range(plan.num_shards):
-        meta = _read_shard_metadata(output / shard_name(k, plan.num_shards))
-        if meta is None or meta["fingerprint"] != plan.fingerprint:
-            continue
-        shards.append({"file": shard_name(k, plan.num_shards), "ids": meta["ids"], "skipped": meta["skipped"]})
-        skipped.extend(meta["skipped"])
-    manifest = {
-        "format": FORMAT,
-        "complete": complete and len(shards) == plan.num_shards,
-        **header,
-        "fingerprint": plan.fingerprint,
-        "num_inputs": plan.num_inputs,
-        "shard_size": plan.shard_size,
-        "num_shards": plan.num_shards,
-        "num_encoded": sum(len(s["ids"]) for s in shards),
-        "num_skipped": len(skipped),
-        "shards": shards,
-        "skipped": skipped,
-    }
-    if summary is not None:
-        manifest["last_run"] = summary
-    return manifest
+class ManifestWriter:
+    """Rank 0's manifest.json, rebuilt from the shard files on disk (the ground truth: a shard file exists only once
+    complete), so it lists other ranks' shards too. A finished shard's metadata is read once and cached; during a
+    run the file is rewritten at most every `interval` seconds (and always at the end and on Ctrl-C)."""
+
+    def __init__(self, output: Path, plan: "Plan", header: dict, interval: float = 30.0):
+        self.output, self.plan, self.header, self.interval = output, plan, header, interval
+        self.finished: dict[int, dict] = {}
+        self.last_write = -math.inf
+
+    def _shard(self, k: int) -> Optional[dict]:
+        if k not in self.finished:
+            meta = _read_shard_metadata(self.output / shard_name(k, self.plan.num_shards))
+            if meta is None or meta["fingerprint"] != self.plan.fingerprint:
+                return None
+            self.finished[k] = {
+                "file": shard_name(k, self.plan.num_shards),
+                "ids": meta["ids"],
+                "skipped": meta["skipped"],
+            }
+        return self.finished[k]
+
+    def build(self, complete: bool = False, summary: Optional[dict] = None) -> dict:
+        shards = [shard for k in range(self.plan.num_shards) if (shard := self._shard(k)) is not None]
+        skipped = [entry for shard in shards for entry in shard["skipped"]]
+        manifest = {
+            "format": FORMAT,
+            "complete": complete and len(shards) == self.plan.num_shards,
+            **self.header,
+            "fingerprint": self.plan.fingerprint,
+            "num_inputs": self.plan.num_inputs,
+            "shard_size": self.plan.shard_size,
+            "num_shards": self.plan.num_shards,
+            "num_encoded": sum(len(shard["ids"]) for shard in shards),
+            "num_skipped": len(skipped),
+            "shards": shards,
+            "skipped": skipped,
+        }
+        if summary is not None:
+            manifest["last_run"] = summary
+        return manifest
+
+    def write(self, complete: bool = False, summary: Optional[dict] = None) -> dict:
+        manifest = self.build(complete, summary)
+        _atomic_write_text(self.output / MANIFEST, json.dumps(manifest, indent=1) + "\n")
+        self.last_write = time.monotonic()
+        return manifest
+
+    def maybe_write(self) -> None:
+        if time.monotonic() - self.last_write >= self.interval:
+            self.write()
 
 
-def write_manifest(output: Path, plan: Plan, header: dict, complete: bool = False, summary: Optional[dict] = None):
-    manifest = build_manifest(output, plan, header, complete, summary)
-    _atomic_write_text(output / MANIFEST, json.dumps(manifest, indent=1) + "\n")
-    return manifest
-
-
-def make_plan(output: Path, ids: list, settings: dict, shard_size: Optional[int], world_size: int, overwrite: bool) -> Plan:
+def make_plan(
+    output: Path, ids: list, settings: dict, shard_size: Optional[int], world_size: int, overwrite: bool
+) -> Plan:
     """Rank 0: the run's plan -- read from an existing manifest (resume) or made new. Raises UsageError when the
     folder holds a different run's results."""
     fingerprint = _fingerprint(ids, settings)
@@ -367,7 +507,9 @@ def make_plan(output: Path, ids: list, settings: dict, shard_size: Optional[int]
             if old.get("format") != FORMAT:
                 raise ValueError(f"format {old.get('format')!r}")
         except Exception as exc:
-            raise UsageError(f"--output {str(output)!r} holds a manifest.json this script did not write ({exc})") from exc
+            raise UsageError(
+                f"--output {str(output)!r} holds a manifest.json this script did not write ({exc})"
+            ) from exc
         if old["fingerprint"] == fingerprint and not overwrite:
             if shard_size is not None and shard_size != old["shard_size"]:
                 logger.warning("resuming with the first run's --shard-size %d (not %d)", old["shard_size"], shard_size)
@@ -399,12 +541,19 @@ def make_plan(output: Path, ids: list, settings: dict, shard_size: Optional[int]
 # --------------------------------------------------------------------------------------------------------------
 # Distributed helpers (torchrun / accelerate launch set RANK, WORLD_SIZE, LOCAL_RANK)
 # --------------------------------------------------------------------------------------------------------------
-def init_distributed(device_arg: Optional[str]) -> tuple[int, int, torch.device]:
+def init_distributed(device_arg: Optional[str], timeout_minutes: float) -> tuple[int, int, torch.device]:
+    """(rank, world_size, device) from torchrun's environment; joins the process group when world_size > 1.
+
+    Ranks wait for each other at the start (the model is loaded and the inputs are listed on rank 0 first) and at
+    the end (ranks finish their shards at different times): the collectives' timeout is `--dist-timeout-minutes`,
+    not torch's default (10 minutes for nccl), so waiting is not mistaken for a hang."""
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if device_arg is not None:
         device = torch.device(device_arg)
+        if device.type == "cuda" and device.index is None:  # "--device cuda": one GPU per process
+            device = torch.device("cuda", local_rank % torch.cuda.device_count())
     elif torch.cuda.is_available():
         device = torch.device("cuda", local_rank % torch.cuda.device_count())
     else:
@@ -412,7 +561,9 @@ def init_distributed(device_arg: Optional[str]) -> tuple[int, int, torch.device]
     if device.type == "cuda":
         torch.cuda.set_device(device)
     if world_size > 1 and not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+        dist.init_process_group(
+            backend="nccl" if device.type == "cuda" else "gloo", timeout=timedelta(minutes=timeout_minutes)
+        )
     return rank, world_size, device
 
 
@@ -477,29 +628,74 @@ def _settings_dict(d: dict) -> dict:
     return {k: v for k, v in d.items() if not k.startswith("_") and k not in _VOLATILE_KEYS}
 
 
-def load_model_and_processor(model_name: str, dtype: torch.dtype, device: torch.device, attn: str):
+def weights_checksum(model: torch.nn.Module) -> str:
+    """A checksum of the weights: per tensor, the float64 sums of |w| and w^2 to 10 significant digits (no sign
+    cancellation, so reduction order on any device cannot move them). Same checkpoint -> same value; retrained
+    or other weights -> another value."""
+    parts = []
+    with torch.no_grad():
+        for name, tensor in sorted(model.state_dict().items()):
+            if torch.is_floating_point(tensor):
+                x = tensor.detach().double()
+                parts.append(f"{name}:{x.abs().sum().item():.9e}:{x.square().sum().item():.9e}")
+    return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:32]
+
+
+def _local_classes():
+    """The model and processor classes of the files next to this script (no code is fetched or run from --model),
+    or None when the script was copied away from them."""
+    here = Path(__file__).resolve().parent
+    if not all((here / name).is_file() for name in REMOTE_CODE_FILES):
+        return None
+    package = "siglip_navit"  # the files use relative imports, as the Hub's loader expects: load them as a package
+    if package not in sys.modules:
+        spec = importlib.util.spec_from_loader(package, loader=None, is_package=True)
+        module = importlib.util.module_from_spec(spec)
+        module.__path__ = [str(here)]
+        sys.modules[package] = module
+    modeling = importlib.import_module(f"{package}.modeling_siglip_navit")
+    processing = importlib.import_module(f"{package}.image_processing_siglip_navit")
+    return modeling.SiglipVisionModel, processing.SiglipNaViTImageProcessor
+
+
+def load_model_and_processor(args: argparse.Namespace, device: torch.device):
+    """The model and its image processor. Default: this repo's code (next to the script) with --model's config and
+    weights; --trust-remote-code: the code in --model's own repo, through the Auto classes."""
     import transformers
-    from transformers import AutoImageProcessor, AutoModel
 
     dtype_kwarg = "dtype" if int(transformers.__version__.split(".")[0]) >= 5 else "torch_dtype"
+    hub = {"revision": args.revision} if args.revision else {}
     try:
-        model = AutoModel.from_pretrained(
-            model_name, trust_remote_code=True, attn_implementation=attn, **{dtype_kwarg: dtype}
-        )
-        processor = AutoImageProcessor.from_pretrained(model_name, trust_remote_code=True)
+        if args.trust_remote_code:
+            from transformers import AutoImageProcessor, AutoModel
+
+            model = AutoModel.from_pretrained(
+                args.model, trust_remote_code=True, attn_implementation=args.attn_implementation,
+                **{dtype_kwarg: DTYPES[args.dtype]}, **hub,
+            )  # fmt: skip
+            processor = AutoImageProcessor.from_pretrained(args.model, trust_remote_code=True, **hub)
+        else:
+            classes = _local_classes()
+            if classes is None:
+                raise UsageError(
+                    f"the model code ({', '.join(REMOTE_CODE_FILES)}) is not next to extract_features.py; run it from "
+                    "the repo, or pass --trust-remote-code to run the code of --model's repo"
+                )
+            model = classes[0].from_pretrained(
+                args.model, attn_implementation=args.attn_implementation, **{dtype_kwarg: DTYPES[args.dtype]}, **hub
+            )
+            processor = classes[1].from_pretrained(args.model, **hub)
     except (OSError, ValueError) as exc:
-        raise UsageError(f"--model {model_name!r} could not be loaded: {exc}") from exc
-    if not hasattr(processor, "patch_grid"):
-        raise UsageError(f"--model {model_name!r}: its image processor is not SiglipNaViTImageProcessor ({type(processor).__name__})")
+        raise UsageError(f"--model {args.model!r} could not be loaded: {exc}") from exc
+    missing = [
+        name for name in ("patch_grid", "max_patches_per_image", "concatenate_packs") if not hasattr(processor, name)
+    ]
+    if missing:
+        raise UsageError(
+            f"--model {args.model!r}: its image processor ({type(processor).__name__}) lacks {missing}; with "
+            "--trust-remote-code the repo's code must be this version's (or run without --trust-remote-code)"
+        )
     return model.to(device).eval(), processor
-
-
-def max_patches_per_image(processor: Any) -> Optional[int]:
-    """The most patches the processor can give one image (None when it does not resize)."""
-    if not processor.do_resize:
-        return None
-    side = max(processor.patch_grid(processor.max_image_size, processor.max_image_size))
-    return side * side
 
 
 def encode_shard(
@@ -507,45 +703,42 @@ def encode_shard(
     processor: Any,
     source: Any,
     shard_ids: list,
-    budget: int,
-    save_grids: bool,
+    args: argparse.Namespace,
     device: torch.device,
-    num_workers: int,
     stats: RankStats,
     progress: Any,
 ) -> tuple[dict[str, torch.Tensor], list, list]:
     """Encode one shard's images in token-budget packed forwards. Returns (tensors, ids, skipped) in input order."""
+    budget = args.max_patches_per_batch
     skipped: list[dict] = []
 
     def skip(image_id: ImageId, error: str) -> None:
         logger.warning("skipping image %r: %s", image_id, error)
         skipped.append({"id": image_id, "error": error})
+        progress.update(1)
 
-    # 1. Each image's patch count from its header (no decoding), then first-fit-decreasing batches.
+    # 1. Each image's patch count from its header (no decoding), then first-fit-decreasing forwards.
     sized_ids, lengths = [], []
     for image_id in shard_ids:
         try:
-            with source.open(image_id) as image:
-                grid_h, grid_w = processor.patch_grid(*image.size)
+            grid_h, grid_w = processor.patch_grid(*source.size(image_id))
         except Exception as exc:
-            if isinstance(exc, _BUG_ERRORS):
+            if not is_bad_image_error(exc):
                 raise
             skip(image_id, _error_text(exc))
-            progress.update(1)
             continue
-        if grid_h * grid_w > budget:
+        if grid_h * grid_w > budget:  # only possible with do_resize=False (run() checks the budget otherwise)
             skip(image_id, f"{grid_h}x{grid_w} = {grid_h * grid_w} patches, more than --max-patches-per-batch {budget}")
-            progress.update(1)
             continue
         sized_ids.append(image_id)
         lengths.append(grid_h * grid_w)
     batches = [[sized_ids[i] for i in batch] for batch in plan_batches(lengths, budget)]
 
-    # 2. Decode + preprocess in workers, forward packed, pool in float32.
+    # 2. Decode + preprocess in workers while the model runs; forward each pack; pool per image in float32.
     loader = torch.utils.data.DataLoader(
         BatchLoader(source, processor, batches),
         batch_size=None,
-        num_workers=num_workers,
+        num_workers=args.num_workers,
         collate_fn=_identity,
         pin_memory=device.type == "cuda",
     )
@@ -554,63 +747,76 @@ def encode_shard(
         for item in loader:
             for image_id, error in item["errors"]:
                 skip(image_id, error)
-            progress.update(len(item["errors"]))
             if item["pack"] is None:
                 continue
-            pack = {k: (v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v) for k, v in item["pack"].items()}
-            grids = pack["image_grid_hw"].tolist()
+            pack = {
+                k: (v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v)
+                for k, v in item["pack"].items()
+            }
+            grids = item["pack"]["image_grid_hw"].tolist()
+            sizes = [h * w for h, w in grids]
             hidden = model(**pack).last_hidden_state
-            lengths_b = [h * w for h, w in grids]
-            segment = torch.repeat_interleave(torch.arange(len(grids), device=device), torch.tensor(lengths_b, device=device))
-            sums = torch.zeros(len(grids), hidden.shape[-1], device=device, dtype=torch.float32)
-            pooled = sums.index_add_(0, segment, hidden.float()) / torch.tensor(lengths_b, device=device)[:, None]
-            pooled = pooled.cpu()
-            maps = hidden.split(lengths_b) if save_grids else [None] * len(grids)
+            per_image = hidden.split(sizes)
+            pooled = torch.stack([features.float().mean(0) for features in per_image]).cpu()  # deterministic
             for j, image_id in enumerate(item["ids"]):
                 h, w = grids[j]
-                fmap = maps[j].reshape(h, w, -1).cpu() if save_grids else None
+                fmap = per_image[j].reshape(h, w, -1).cpu() if args.save_grids else None
                 results[image_id] = (pooled[j], (h, w), fmap)
-            n_patches = sum(lengths_b)
             stats.forwards += 1
-            stats.patches += n_patches
-            stats.largest_forward = max(stats.largest_forward, n_patches)
+            stats.patches += sum(sizes)
+            stats.largest_forward = max(stats.largest_forward, sum(sizes))
             progress.update(len(item["ids"]))
 
     # 3. Back to input order.
     ids = [image_id for image_id in shard_ids if image_id in results]
-    hidden_size = model.config.hidden_size
     tensors = {
-        "pooled": torch.stack([results[i][0] for i in ids]) if ids else torch.zeros(0, hidden_size),
+        "pooled": torch.stack([results[i][0] for i in ids]) if ids else torch.zeros(0, model.config.hidden_size),
         "grid_hw": torch.tensor([results[i][1] for i in ids], dtype=torch.int64).reshape(-1, 2),
     }
-    if save_grids:
+    if args.save_grids:
         for j, image_id in enumerate(ids):
             tensors[f"features.{j}"] = results[image_id][2].contiguous()
     stats.images += len(ids)
     stats.skipped += len(skipped)
     order = {image_id: n for n, image_id in enumerate(shard_ids)}
-    skipped.sort(key=lambda s: order[s["id"]])
+    skipped.sort(key=lambda entry: order[entry["id"]])
     return tensors, ids, skipped
+
+
+def _ids_digest(source: Any) -> str:
+    return hashlib.sha256(
+        json.dumps({"ids": source.ids, "identity": source.identity}, sort_keys=True).encode()
+    ).hexdigest()
 
 
 def run(args: argparse.Namespace) -> dict:
     """Run the extraction in this process (one rank of a torchrun world, or alone). Returns the summary."""
-    rank, world_size, device = init_distributed(args.device)
+    rank, world_size, device = init_distributed(args.device, args.dist_timeout_minutes)
     output = Path(args.output)
     if args.max_patches_per_batch <= 0:
-        raise UsageError(f"--max-patches-per-batch must be a positive number of patches, got {args.max_patches_per_batch}")
+        raise UsageError(
+            f"--max-patches-per-batch must be a positive number of patches, got {args.max_patches_per_batch}"
+        )
     if args.shard_size is not None and args.shard_size <= 0:
         raise UsageError(f"--shard-size must be a positive number of images, got {args.shard_size}")
+    if args.num_workers < 0:
+        raise UsageError(f"--num-workers must be 0 or more, got {args.num_workers}")
     if output.exists() and not output.is_dir():
         raise UsageError(f"--output {args.output!r} exists and is not a folder")
-    source = resolve_input(args.input, args.split, args.image_column)
-    dtype = DTYPES[args.dtype]
 
-    # rank 0 first: transformers writes the remote code into its module cache on first load
-    model, processor = _rank0_first(
-        lambda: load_model_and_processor(args.model, dtype, device, args.attn_implementation), rank, world_size
+    # rank 0 first: listing / downloading a dataset and loading the model (transformers caches remote code on first
+    # load) happen once; the other ranks then read the caches
+    source = _rank0_first(
+        lambda: resolve_input(args.input, args.split, args.image_column, args.dataset_config), rank, world_size
     )
-    largest = max_patches_per_image(processor)
+    digests = _gather(_ids_digest(source), world_size)
+    if len(set(digests)) > 1:  # shard k must mean the same images on every rank
+        raise UsageError(
+            f"the ranks see different inputs for --input {args.input!r} (files changing while listed, or different "
+            "mounts on different nodes?); every rank must see the same list"
+        )
+    model, processor = _rank0_first(lambda: load_model_and_processor(args, device), rank, world_size)
+    largest = processor.max_patches_per_image()
     if largest is not None and args.max_patches_per_batch < largest:
         raise UsageError(
             f"--max-patches-per-batch {args.max_patches_per_batch} is smaller than the largest image this processor "
@@ -619,13 +825,12 @@ def run(args: argparse.Namespace) -> dict:
 
     # what the saved numbers depend on: a rerun into the same folder must match it (the run's fingerprint)
     settings = {
-        "model": args.model,
+        "inputs": source.identity,
+        "weights": weights_checksum(model),
         "config": _settings_dict(model.config.to_dict()),
         "processor": _settings_dict(processor.to_dict()),
         "dtype": args.dtype,
         "save_grids": args.save_grids,
-        "input_kind": source.kind,
-        "image_column": getattr(source, "column", None),
     }
     header = {
         "model": args.model,
@@ -634,61 +839,72 @@ def run(args: argparse.Namespace) -> dict:
         "dtype": args.dtype,
         "save_grids": args.save_grids,
         "hidden_size": model.config.hidden_size,
-        "tensors": {"pooled": "(n, C) float32 mean over patches", "grid_hw": "(n, 2) int64 (h, w) patch grid",
-                    **({"features.{j}": f"(h_j, w_j, C) {args.dtype}"} if args.save_grids else {})},  # fmt: skip
+        "tensors": {
+            "pooled": "(n, C) float32 mean over patches",
+            "grid_hw": "(n, 2) int64 (h, w) patch grid",
+            **({"features.{j}": f"(h_j, w_j, C) {args.dtype}"} if args.save_grids else {}),
+        },  # fmt: skip
     }
 
+    lock = None
+
     def first_manifest() -> Plan:
+        nonlocal lock
         output.mkdir(parents=True, exist_ok=True)
-        plan = make_plan(output, source.ids, settings, args.shard_size, world_size, args.overwrite)
-        write_manifest(output, plan, header)
-        return plan
+        lock = lock_output(output)
+        return make_plan(output, source.ids, settings, args.shard_size, world_size, args.overwrite)
 
     plan: Plan = _broadcast(_rank0_first(lambda: first_manifest() if rank == 0 else None, rank, world_size), world_size)
+    manifest = ManifestWriter(output, plan, header) if rank == 0 else None
+    if manifest is not None:
+        manifest.write()
 
     from tqdm.auto import tqdm
+    from tqdm.contrib.logging import logging_redirect_tqdm
 
-    my_shards = list(range(rank, plan.num_shards, world_size))
     stats = RankStats()
     todo = []
-    for k in my_shards:
+    for k in range(rank, plan.num_shards, world_size):  # this rank's slice: shards k with k % world_size == rank
         meta = _read_shard_metadata(output / shard_name(k, plan.num_shards))
         if meta is not None and meta["fingerprint"] == plan.fingerprint:
             stats.shards_resumed += 1
         else:
             todo.append(k)
     total = sum(len(source.ids[k * plan.shard_size : (k + 1) * plan.shard_size]) for k in todo)
-    progress = tqdm(total=total, desc=f"rank {rank}", unit="img", position=rank, disable=args.no_progress or None, dynamic_ncols=True)
+    progress = tqdm(
+        total=total, desc=f"rank {rank}", unit="img", position=int(os.environ.get("LOCAL_RANK", "0")),
+        disable=args.no_progress or None, dynamic_ncols=True,
+    )  # fmt: skip
     start = time.perf_counter()
     try:
-        for k in todo:
-            shard_ids = source.ids[k * plan.shard_size : (k + 1) * plan.shard_size]
-            tensors, ids, skipped = encode_shard(
-                model, processor, source, shard_ids, args.max_patches_per_batch, args.save_grids, device,
-                args.num_workers, stats, progress,
-            )  # fmt: skip
-            metadata = {"format": FORMAT, "fingerprint": plan.fingerprint, "ids": json.dumps(ids), "skipped": json.dumps(skipped)}
-            write_shard(output / shard_name(k, plan.num_shards), tensors, metadata)
-            stats.shards_written += 1
-            stats.skipped_ids.extend(s["id"] for s in skipped)
-            if rank == 0:  # keep the manifest current (it lists every shard on disk, other ranks' too)
-                write_manifest(output, plan, header)
+        with logging_redirect_tqdm(loggers=[logger]):
+            for k in todo:
+                shard_ids = source.ids[k * plan.shard_size : (k + 1) * plan.shard_size]
+                tensors, ids, skipped = encode_shard(model, processor, source, shard_ids, args, device, stats, progress)
+                metadata = {"format": FORMAT, "fingerprint": plan.fingerprint, "ids": json.dumps(ids),
+                            "skipped": json.dumps(skipped)}  # fmt: skip
+                write_shard(output / shard_name(k, plan.num_shards), tensors, metadata)
+                stats.shards_written += 1
+                stats.skipped_ids.extend(entry["id"] for entry in skipped)
+                if manifest is not None:  # keep the manifest current (it lists every shard on disk, other ranks' too)
+                    manifest.maybe_write()
     except KeyboardInterrupt:
         progress.close()
-        if rank == 0:
-            write_manifest(output, plan, header)
+        if manifest is not None:
+            manifest.write()
         raise
     stats.seconds = time.perf_counter() - start
     progress.close()
 
-    all_stats = _gather(asdict(stats), world_size)
-    _barrier(world_size)
+    all_stats = _gather(asdict(stats), world_size)  # also waits for every rank to finish its shards
     summary = summarize(all_stats, args.max_patches_per_batch, world_size)
-    if rank == 0:
-        manifest = write_manifest(output, plan, header, complete=True, summary=summary)
-        summary["complete"] = manifest["complete"]
-        summary["num_encoded_total"] = manifest["num_encoded"]
+    if manifest is not None:
+        final = manifest.write(complete=True, summary=summary)
+        summary["complete"] = final["complete"]
+        summary["num_encoded_total"] = final["num_encoded"]
         print(format_summary(summary, output), flush=True)
+    if lock is not None:
+        lock.close()
     return summary
 
 
@@ -734,20 +950,34 @@ def build_parser() -> argparse.ArgumentParser:
         description="Encode images with SigLIP-NaViT into safetensors shards (token-budget packing, data parallel).",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    parser.add_argument("--model", required=True, help="model folder or Hub repo (SiglipVisionModel + its image processor)")
-    parser.add_argument("--input", required=True,
-                        help="image folder, glob (quote it), text file of paths, saved `datasets` folder or Hub dataset id")  # fmt: skip
+    parser.add_argument(
+        "--model", required=True, help="model folder or Hub repo (SiglipVisionModel + its image processor)"
+    )
+    parser.add_argument(
+        "--input", required=True, help="image folder, glob (quote it), .txt list of paths, `datasets` folder or Hub id"
+    )
     parser.add_argument("--output", required=True, help="output folder (manifest.json + shards)")
     parser.add_argument("--max-patches-per-batch", type=int, default=16384, help="token budget of one forward")
     parser.add_argument("--save-grids", action="store_true", help="also save each image's (h, w, C) feature map")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32", help="model dtype")
     parser.add_argument("--device", default=None, help="default: cuda:LOCAL_RANK when CUDA is available, else cpu")
     parser.add_argument("--attn-implementation", default="sdpa", choices=["sdpa", "flash_attention_2", "eager"])
-    parser.add_argument("--shard-size", type=int, default=None,
-                        help=f"images per shard (default: inputs / processes, at most {DEFAULT_SHARD_SIZE})")  # fmt: skip
+    parser.add_argument(
+        "--shard-size",
+        type=int,
+        default=None,
+        help=f"images per shard (default: inputs/ranks, max {DEFAULT_SHARD_SIZE})",
+    )
     parser.add_argument("--num-workers", type=int, default=2, help="DataLoader workers decoding images, per process")
     parser.add_argument("--split", default=None, help="dataset split (datasets input)")
+    parser.add_argument("--dataset-config", default=None, help="dataset configuration name (Hub dataset input)")
     parser.add_argument("--image-column", default=None, help="dataset image column (default: the first image column)")
+    parser.add_argument("--revision", default=None, help="model revision (branch, tag or commit) on the Hub")
+    parser.add_argument(
+        "--trust-remote-code", action="store_true", help="run the code of --model's repo (default: ours)"
+    )
+    parser.add_argument("--dist-timeout-minutes", type=float, default=360.0,
+                        help="how long ranks wait for each other (start, end) under torchrun")  # fmt: skip
     parser.add_argument("--overwrite", action="store_true", help="replace a different run's results in --output")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
     return parser

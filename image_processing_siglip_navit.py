@@ -344,6 +344,29 @@ def build_cu_seqlens(lengths: Sequence[int]) -> torch.Tensor:
     return torch.tensor(cu, dtype=torch.int32)
 
 
+def concatenate_packs(packs: Sequence[Any]) -> BatchFeature:
+    """Join packs the processor made separately (torch tensors, `return_tensors="pt"` or None) into one pack, equal
+    to processing all their images in one call: positions are per image, so only the boundaries are rebuilt."""
+    if not packs:
+        raise ValueError("concatenate_packs: no packs given")
+    grids = torch.cat([torch.as_tensor(p["image_grid_hw"]).reshape(-1, 2) for p in packs])
+    lengths = (grids[:, 0] * grids[:, 1]).tolist()
+    pixels = torch.cat([torch.as_tensor(p["packed_pixel_values"]) for p in packs])
+    if pixels.shape[0] != sum(lengths):
+        raise ValueError(f"concatenate_packs: {pixels.shape[0]} patches, but the grids describe {sum(lengths)}")
+    return BatchFeature(
+        data={
+            "packed_pixel_values": pixels,
+            "packed_flattened_position_ids": torch.cat(
+                [torch.as_tensor(p["packed_flattened_position_ids"]) for p in packs]
+            ),
+            "cu_seqlens": build_cu_seqlens(lengths),
+            "max_seqlen": max(lengths),
+            "image_grid_hw": grids.to(torch.int64),
+        }
+    )
+
+
 def _grid_from(inputs: Any) -> list[tuple[int, int]]:
     if isinstance(inputs, (dict, BatchFeature)) or hasattr(inputs, "keys"):
         if "image_grid_hw" not in inputs:
@@ -589,6 +612,17 @@ class SiglipNaViTImageProcessor(BaseImageProcessor):
             width, height = self._vit_size(width, height, s)
         return height // s["patch_size"], width // s["patch_size"]
 
+    def max_patches_per_image(self, **kwargs) -> Optional[int]:
+        """The most patches any one image can get with these settings (None with do_resize=False): the resize rule
+        leaves every side at most `fit(max_image_size)` (its last step scales the long side to exactly that)."""
+        s = self._resolve_settings(kwargs)
+        if not s["do_resize"]:
+            return None
+        side = bagel_fit(s["max_image_size"], s["image_stride"]) // s["patch_size"]
+        return side * side
+
+    concatenate_packs = staticmethod(concatenate_packs)
+
     def _image_to_uint8(self, image: Any, index: int, s: dict) -> np.ndarray:
         """One input -> its resized (H, W, 3) uint8 pixels."""
         pil = to_rgb_pil(image, index)
@@ -696,5 +730,6 @@ __all__ = [
     "position_ids_extrapolate",
     "position_ids_interpolate",
     "build_cu_seqlens",
+    "concatenate_packs",
     "unpack_features",
 ]

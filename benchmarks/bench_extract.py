@@ -43,7 +43,11 @@ def synthetic_images(n: int, seed: int) -> list[Image.Image]:
     for _ in range(n):
         long_side = int(rng.integers(64, 1601))
         aspect = float(np.exp(rng.uniform(-1.1, 1.1)))  # up to ~3:1 either way
-        w, h = (long_side, max(16, int(long_side / aspect))) if aspect >= 1 else (max(16, int(long_side * aspect)), long_side)
+        w, h = (
+            (long_side, max(16, int(long_side / aspect)))
+            if aspect >= 1
+            else (max(16, int(long_side * aspect)), long_side)
+        )
         images.append(Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)))
     return images
 

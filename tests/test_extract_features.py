@@ -88,7 +88,11 @@ def read_outputs(output):
         assert tensors["pooled"].shape[0] == len(shard["ids"]) == tensors["grid_hw"].shape[0]
         for j, image_id in enumerate(shard["ids"]):
             assert image_id not in found, f"{image_id} in two shards"
-            found[image_id] = (tensors["pooled"][j], tuple(tensors["grid_hw"][j].tolist()), tensors.get(f"features.{j}"))
+            found[image_id] = (
+                tensors["pooled"][j],
+                tuple(tensors["grid_hw"][j].tolist()),
+                tensors.get(f"features.{j}"),
+            )
     return manifest, found
 
 
@@ -142,7 +146,9 @@ def test_folder_input_matches_per_image_forwards_and_skips_broken_files(model_di
     ids_in_order = [i for s in manifest["shards"] for i in s["ids"]]
     assert ids_in_order == [i for i in sorted(map(str, (p for p in image_dir.rglob("*") if p.is_file()))) if i in found]
     assert all(len(s["ids"]) + len(s["skipped"]) <= 4 for s in manifest["shards"])
-    modes = {(out / name).stat().st_mode & 0o777 for name in ["manifest.json"] + [s["file"] for s in manifest["shards"]]}
+    modes = {
+        (out / name).stat().st_mode & 0o777 for name in ["manifest.json"] + [s["file"] for s in manifest["shards"]]
+    }
     assert len(modes) == 1, f"shards and manifest should share the umask's permissions, got {sorted(map(oct, modes))}"
     run = manifest["last_run"]
     assert run["largest_forward"] <= 300 and run["forwards"] >= -(-run["patches"] // 300)
@@ -183,14 +189,14 @@ def test_interrupted_run_leaves_no_partial_shard_and_resumes(model_dir, image_di
 
     monkeypatch.setattr("safetensors.torch.save_file", save_then_interrupt)
     assert extract(model_dir, image_dir, out, "--shard-size", 5) == 130
-    assert sorted(p.name for p in out.iterdir()) == ["manifest.json", "shard-00000-of-00003.safetensors"]
+    assert sorted(p.name for p in out.iterdir()) == [".lock", "manifest.json", "shard-00000-of-00003.safetensors"]
     manifest = json.loads((out / "manifest.json").read_text())
     assert not manifest["complete"] and [s["file"] for s in manifest["shards"]] == ["shard-00000-of-00003.safetensors"]
     monkeypatch.setattr("safetensors.torch.save_file", real_save)
     assert extract(model_dir, image_dir, out) == 0
     manifest, found = read_outputs(out)
     assert manifest["complete"] and sorted(found) == good_paths(image_dir)
-    assert not [p for p in out.iterdir() if p.name.startswith(".")]
+    assert [p.name for p in out.iterdir() if p.name.startswith(".")] == [".lock"]  # no temporary left
 
 
 def test_other_run_in_the_same_output_is_refused_then_overwritten(model_dir, image_dir, tmp_path, capsys):
@@ -247,7 +253,9 @@ def test_saved_dataset_input_ids_are_row_indices(model_dir, image_dir, tmp_path)
     import datasets
 
     paths = good_paths(image_dir)[:5]
-    ds = datasets.Dataset.from_dict({"label": list(range(5)), "picture": paths}).cast_column("picture", datasets.Image())
+    ds = datasets.Dataset.from_dict({"label": list(range(5)), "picture": paths}).cast_column(
+        "picture", datasets.Image()
+    )
     datasets.DatasetDict({"train": ds}).save_to_disk(str(tmp_path / "ds"))
     out = tmp_path / "feats"
     assert extract(model_dir, tmp_path / "ds", out, "--split", "train") == 0
@@ -308,16 +316,170 @@ def test_hub_dataset_id_goes_through_load_dataset(model_dir, image_dir, tmp_path
     local = datasets.Dataset.from_dict({"img": paths, "caption": ["a", "b", "c"]}).cast_column("img", datasets.Image())
     calls = []
 
-    def fake_load_dataset(name, split=None, **kwargs):
-        calls.append((name, split))
+    def fake_load_dataset(path, name=None, split=None, **kwargs):
+        calls.append((path, name, split))
         return local
 
     monkeypatch.setattr(datasets, "load_dataset", fake_load_dataset)
     out = tmp_path / "feats"
-    assert extract(model_dir, "someone/some-images", out, "--split", "validation") == 0
-    assert calls == [("someone/some-images", "validation")]
+    assert extract(model_dir, "someone/some-images", out, "--split", "validation", "--dataset-config", "small") == 0
+    assert calls == [("someone/some-images", "small", "validation")]
     manifest, found = read_outputs(out)
     assert manifest["input"] == "someone/some-images" and sorted(found) == [0, 1, 2]
     ref = reference(model_dir, paths)
     for i, path in enumerate(paths):
         torch.testing.assert_close(found[i][0], ref[path][0], atol=1e-5, rtol=1e-5)
+
+
+# ---- resumability: what counts as "the same run" ----------------------------------------------------------------
+def test_rerun_with_other_weights_or_another_dataset_is_refused(model_dir, image_dir, tmp_path, capsys):
+    """The fingerprint covers the weights (not just the path) and the dataset's content (not just its length)."""
+    import shutil
+
+    import datasets
+
+    retrained = tmp_path / model_dir.name  # same folder name, same config, other weights
+    shutil.copytree(model_dir, retrained)
+    state = load_file(str(retrained / "model.safetensors"))
+    state["vision_model.post_layernorm.bias"] = state["vision_model.post_layernorm.bias"] + 0.5
+    save_file(state, str(retrained / "model.safetensors"), metadata={"format": "pt"})
+    out = tmp_path / "feats"
+    assert extract(model_dir, image_dir, out) == 0
+    assert extract(retrained, image_dir, out) == 2
+    assert "holds features of a different run" in capsys.readouterr().err
+
+    paths = good_paths(image_dir)
+    for name, chosen in [("a", paths[:3]), ("b", paths[3:6])]:
+        ds = datasets.Dataset.from_dict({"image": chosen}).cast_column("image", datasets.Image())
+        ds.save_to_disk(str(tmp_path / ("ds" if name == "a" else "ds_b")))
+    assert extract(model_dir, tmp_path / "ds", tmp_path / "dsfeats") == 0
+    shutil.rmtree(tmp_path / "ds")
+    shutil.move(str(tmp_path / "ds_b"), str(tmp_path / "ds"))  # same path, same length, other images
+    assert extract(model_dir, tmp_path / "ds", tmp_path / "dsfeats") == 2
+    assert "holds features of a different run" in capsys.readouterr().err
+
+
+def test_dataset_rows_decode_as_datasets_does_and_other_columns_do_not_matter(model_dir, tmp_path):
+    """Row i is encoded exactly as `processor(ds[i]["image"])`: datasets applies EXIF orientation. A corrupt value
+    in ANOTHER image column does not cost the row its image."""
+    import io as _io
+
+    import datasets
+    from transformers import AutoImageProcessor, AutoModel
+
+    rotated = _io.BytesIO()
+    exif = Image.Exif()
+    exif[0x0112] = 6  # "rotate 90 degrees": stored 60x20, shown 20x60
+    synthetic(60, 20, 1).save(rotated, "JPEG", exif=exif)
+    plain = _io.BytesIO()
+    synthetic(30, 50, 2).save(plain, "PNG")
+    ds = datasets.Dataset.from_dict(
+        {
+            "image": [{"bytes": rotated.getvalue(), "path": None}, {"bytes": plain.getvalue(), "path": None}],
+            "mask": [{"bytes": b"not an image", "path": None}, {"bytes": plain.getvalue(), "path": None}],
+        }
+    ).cast_column("image", datasets.Image()).cast_column("mask", datasets.Image())
+    ds.save_to_disk(str(tmp_path / "ds"))
+    out = tmp_path / "feats"
+    assert extract(model_dir, tmp_path / "ds", out, "--image-column", "image", "--save-grids") == 0
+    manifest, found = read_outputs(out)
+    assert sorted(found) == [0, 1] and manifest["num_skipped"] == 0
+
+    model = AutoModel.from_pretrained(model_dir, trust_remote_code=True).eval()
+    processor = AutoImageProcessor.from_pretrained(model_dir, trust_remote_code=True)
+    loaded = datasets.load_from_disk(str(tmp_path / "ds")).select_columns(["image"])  # ds[i] would decode "mask" too
+    assert loaded[0]["image"].size == (20, 60)  # what a datasets user gets
+    for i in range(2):
+        inputs = processor(images=loaded[i]["image"])
+        with torch.no_grad():
+            hidden = model(**inputs).last_hidden_state
+        assert found[i][1] == tuple(inputs["image_grid_hw"][0].tolist())
+        torch.testing.assert_close(found[i][0], hidden.mean(0), atol=1e-5, rtol=1e-5)
+    assert found[0][1][0] > found[0][1][1]  # portrait grid: the rotation was applied
+
+
+def test_glob_through_a_link_loop_lists_each_file_once(model_dir, tmp_path):
+    root = tmp_path / "pics"
+    (root / "a").mkdir(parents=True)
+    synthetic(20, 20, 0).save(root / "a" / "x.png")
+    synthetic(24, 20, 1).save(root / "y.png")
+    (root / "a" / "loop").symlink_to(root, target_is_directory=True)
+    out = tmp_path / "feats"
+    assert extract(model_dir, f"{root}/**/*.png", out) == 0
+    _, found = read_outputs(out)
+    assert sorted(os.path.realpath(p) for p in found) == sorted(os.path.realpath(p) for p in root.rglob("*.png"))
+    assert len(found) == 2
+
+
+def test_io_errors_stop_the_run_instead_of_skipping_and_a_rerun_finishes(model_dir, image_dir, tmp_path, monkeypatch):
+    """A missing file is skipped (the issue's "unreadable image"); an I/O error of the file system is not the image's
+    fault: the run stops (nothing recorded as skipped) and a rerun encodes the image."""
+    import errno
+
+    victim = good_paths(image_dir)[4]
+    real_load = ef.FileSource.load
+
+    def flaky_load(self, image_id):
+        if image_id == victim:
+            raise OSError(errno.EIO, "Input/output error", image_id)
+        return real_load(self, image_id)
+
+    monkeypatch.setattr(ef.FileSource, "load", flaky_load)
+    out = tmp_path / "feats"
+    with pytest.raises(OSError, match="Input/output error"):
+        extract(model_dir, image_dir, out, "--shard-size", 20)
+    monkeypatch.setattr(ef.FileSource, "load", real_load)
+    assert extract(model_dir, image_dir, out) == 0
+    manifest, found = read_outputs(out)
+    assert victim in found and manifest["num_skipped"] == 2
+    assert ef.is_bad_image_error(FileNotFoundError(errno.ENOENT, "gone")) is True
+    assert ef.is_bad_image_error(OSError("image file is truncated")) is True
+    assert ef.is_bad_image_error(OSError(errno.EMFILE, "Too many open files")) is False
+    assert ef.is_bad_image_error(MemoryError()) is False and ef.is_bad_image_error(NameError("x")) is False
+
+
+def test_a_second_run_into_the_same_output_is_refused_while_the_first_holds_it(model_dir, image_dir, tmp_path, capsys):
+    import fcntl
+
+    out = tmp_path / "feats"
+    out.mkdir()
+    with open(out / ".lock", "w") as held:
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        assert extract(model_dir, image_dir, out) == 2
+        assert "is in use by another extract_features.py run" in capsys.readouterr().err
+    assert extract(model_dir, image_dir, out) == 0
+
+
+def test_repo_code_and_trust_remote_code_give_the_same_features(model_dir, image_dir, tmp_path):
+    assert extract(model_dir, image_dir, tmp_path / "ours") == 0
+    assert extract(model_dir, image_dir, tmp_path / "remote", "--trust-remote-code") == 0
+    _, ours = read_outputs(tmp_path / "ours")
+    _, remote = read_outputs(tmp_path / "remote")
+    assert sorted(ours) == sorted(remote)
+    for image_id in ours:
+        assert torch.equal(ours[image_id][0], remote[image_id][0])
+
+
+def test_torchrun_resumes_a_single_process_run(model_dir, image_dir, tmp_path, monkeypatch):
+    """The plan is fixed by the first run, whatever the number of processes of the next one."""
+    out = tmp_path / "feats"
+    real_write = ef.write_shard
+    written = []
+
+    def write_two_then_interrupt(path, tensors, metadata):
+        if len(written) == 2:
+            raise KeyboardInterrupt
+        written.append(path.name)
+        real_write(path, tensors, metadata)
+
+    monkeypatch.setattr(ef, "write_shard", write_two_then_interrupt)
+    assert extract(model_dir, image_dir, out, "--shard-size", 3) == 130
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nnodes", "1", "--nproc-per-node", "2",
+           str(ROOT / "extract_features.py"), "--model", str(model_dir), "--input", str(image_dir), "--output", str(out),
+           "--num-workers", "0", "--device", "cpu", "--no-progress"]  # fmt: skip
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH="")
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300, stdin=subprocess.DEVNULL)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "3 shard(s) written, 2 already done" in proc.stdout
+    manifest, found = read_outputs(out)
+    assert manifest["complete"] and manifest["num_shards"] == 5 and sorted(found) == good_paths(image_dir)

@@ -739,3 +739,35 @@ def test_patch_grid_from_the_size_alone_matches_preprocess(settings):
         assert processor.patch_grid(width, height) == grid, (width, height)
     same = Processor(do_resize=False)
     assert same.patch_grid(28, 42) == (3, 2)
+
+
+def test_concatenate_packs_equals_one_call():
+    images = [rand_rgb(300, 200, 1), smooth_rgb(64, 700, 2), rand_rgb(20, 20, 3)]
+    processor = Processor()
+    together = processor(images=images, return_tensors="pt")
+    joined = ipm.concatenate_packs([processor(images=image) for image in images[:2]] + [processor(images=images[2:])])
+    assert set(joined) == set(together)
+    for key in together:
+        assert torch.equal(torch.as_tensor(joined[key]), torch.as_tensor(together[key])), key
+    assert joined["cu_seqlens"].dtype == torch.int32 and isinstance(joined["max_seqlen"], int)
+    with pytest.raises(ValueError, match="no packs"):
+        ipm.concatenate_packs([])
+
+
+@pytest.mark.parametrize(
+    "settings",
+    [{}, {"img_num": 2}, {"max_pixels": 500_000}, {"max_image_size": 384, "min_image_size": 56},
+     {"max_image_size": 390, "min_image_size": 56}, {"bagel_interleaved_resize": True}],
+)  # fmt: skip
+def test_max_patches_per_image_bounds_every_size(settings):
+    """The bound extract_features.py checks its token budget against: no image size exceeds it."""
+    processor = Processor(**settings)
+    bound = processor.max_patches_per_image()
+    rng = np.random.default_rng(5)
+    sizes = [(w, h) for w in range(900, 1100, 7) for h in range(900, 1100, 11)]
+    sizes += [tuple(int(v) for v in rng.integers(1, 4000, 2)) for _ in range(400)]
+    counts = [math.prod(processor.patch_grid(w, h)) for w, h in sizes]
+    assert max(counts) <= bound
+    side = ipm.bagel_fit(processor.max_image_size, 14) // 14
+    assert bound == side * side
+    assert Processor(do_resize=False).max_patches_per_image() is None
