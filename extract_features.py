@@ -698,56 +698,69 @@ def load_model_and_processor(args: argparse.Namespace, device: torch.device):
     return model.to(device).eval(), processor
 
 
+class ShardJob:
+    """One shard, planned and started: each image's patch count read from its header (no decoding), the images
+    grouped first-fit-decreasing into forwards, and a DataLoader iterator whose workers already decode them.
+
+    Creating the next shard's job while the current shard's last forward runs (asynchronously, on a GPU) keeps
+    the model fed across shard boundaries."""
+
+    def __init__(
+        self, k: int, shard_ids: list, source: Any, processor: Any, args: argparse.Namespace, device, progress
+    ):
+        self.k, self.shard_ids, self.progress = k, shard_ids, progress
+        self.skipped: list[dict] = []
+        budget = args.max_patches_per_batch
+        sized_ids, lengths = [], []
+        for image_id in shard_ids:
+            try:
+                grid_h, grid_w = processor.patch_grid(*source.size(image_id))
+            except Exception as exc:
+                if not is_bad_image_error(exc):
+                    raise
+                self.skip(image_id, _error_text(exc))
+                continue
+            if grid_h * grid_w > budget:  # only possible with do_resize=False (run() checks the budget otherwise)
+                self.skip(image_id, f"{grid_h}x{grid_w} = {grid_h * grid_w} patches, more than --max-patches-per-batch")
+                continue
+            sized_ids.append(image_id)
+            lengths.append(grid_h * grid_w)
+        self.batches = [[sized_ids[i] for i in batch] for batch in plan_batches(lengths, budget)]
+        loader = torch.utils.data.DataLoader(
+            BatchLoader(source, processor, self.batches),
+            batch_size=None,
+            num_workers=args.num_workers,
+            collate_fn=_identity,
+            pin_memory=device.type == "cuda",
+        )
+        self.items = iter(loader)  # with workers: they start decoding now
+
+    def skip(self, image_id: ImageId, error: str) -> None:
+        logger.warning("skipping image %r: %s", image_id, error)
+        self.skipped.append({"id": image_id, "error": error})
+        self.progress.update(1)
+
+
 def encode_shard(
+    job: ShardJob,
     model: Any,
-    processor: Any,
-    source: Any,
-    shard_ids: list,
     args: argparse.Namespace,
     device: torch.device,
     stats: RankStats,
-    progress: Any,
+    on_last_forward: Callable[[], None] = lambda: None,
 ) -> tuple[dict[str, torch.Tensor], list, list]:
-    """Encode one shard's images in token-budget packed forwards. Returns (tensors, ids, skipped) in input order."""
-    budget = args.max_patches_per_batch
-    skipped: list[dict] = []
-
-    def skip(image_id: ImageId, error: str) -> None:
-        logger.warning("skipping image %r: %s", image_id, error)
-        skipped.append({"id": image_id, "error": error})
-        progress.update(1)
-
-    # 1. Each image's patch count from its header (no decoding), then first-fit-decreasing forwards.
-    sized_ids, lengths = [], []
-    for image_id in shard_ids:
-        try:
-            grid_h, grid_w = processor.patch_grid(*source.size(image_id))
-        except Exception as exc:
-            if not is_bad_image_error(exc):
-                raise
-            skip(image_id, _error_text(exc))
-            continue
-        if grid_h * grid_w > budget:  # only possible with do_resize=False (run() checks the budget otherwise)
-            skip(image_id, f"{grid_h}x{grid_w} = {grid_h * grid_w} patches, more than --max-patches-per-batch {budget}")
-            continue
-        sized_ids.append(image_id)
-        lengths.append(grid_h * grid_w)
-    batches = [[sized_ids[i] for i in batch] for batch in plan_batches(lengths, budget)]
-
-    # 2. Decode + preprocess in workers while the model runs; forward each pack; pool per image in float32.
-    loader = torch.utils.data.DataLoader(
-        BatchLoader(source, processor, batches),
-        batch_size=None,
-        num_workers=args.num_workers,
-        collate_fn=_identity,
-        pin_memory=device.type == "cuda",
-    )
+    """Encode one shard's forwards; call `on_last_forward` once the last forward is queued (before waiting for
+    it). Returns (tensors, ids, skipped), in the shard's input order."""
     results: dict[ImageId, tuple[torch.Tensor, tuple[int, int], Optional[torch.Tensor]]] = {}
+    if not job.batches:
+        on_last_forward()
     with torch.inference_mode():
-        for item in loader:
+        for index, item in enumerate(job.items):
             for image_id, error in item["errors"]:
-                skip(image_id, error)
+                job.skip(image_id, error)
             if item["pack"] is None:
+                if index == len(job.batches) - 1:
+                    on_last_forward()
                 continue
             pack = {
                 k: (v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v)
@@ -757,7 +770,10 @@ def encode_shard(
             sizes = [h * w for h, w in grids]
             hidden = model(**pack).last_hidden_state
             per_image = hidden.split(sizes)
-            pooled = torch.stack([features.float().mean(0) for features in per_image]).cpu()  # deterministic
+            pooled = torch.stack([features.float().mean(0) for features in per_image])  # deterministic, unlike atomics
+            if index == len(job.batches) - 1:
+                on_last_forward()  # on a GPU the forward is still running: plan and start the next shard meanwhile
+            pooled = pooled.cpu()
             for j, image_id in enumerate(item["ids"]):
                 h, w = grids[j]
                 fmap = per_image[j].reshape(h, w, -1).cpu() if args.save_grids else None
@@ -765,10 +781,10 @@ def encode_shard(
             stats.forwards += 1
             stats.patches += sum(sizes)
             stats.largest_forward = max(stats.largest_forward, sum(sizes))
-            progress.update(len(item["ids"]))
+            job.progress.update(len(item["ids"]))
 
-    # 3. Back to input order.
-    ids = [image_id for image_id in shard_ids if image_id in results]
+    # Back to input order.
+    ids = [image_id for image_id in job.shard_ids if image_id in results]
     tensors = {
         "pooled": torch.stack([results[i][0] for i in ids]) if ids else torch.zeros(0, model.config.hidden_size),
         "grid_hw": torch.tensor([results[i][1] for i in ids], dtype=torch.int64).reshape(-1, 2),
@@ -777,10 +793,9 @@ def encode_shard(
         for j, image_id in enumerate(ids):
             tensors[f"features.{j}"] = results[image_id][2].contiguous()
     stats.images += len(ids)
-    stats.skipped += len(skipped)
-    order = {image_id: n for n, image_id in enumerate(shard_ids)}
-    skipped.sort(key=lambda entry: order[entry["id"]])
-    return tensors, ids, skipped
+    stats.skipped += len(job.skipped)
+    order = {image_id: n for n, image_id in enumerate(job.shard_ids)}
+    return tensors, ids, sorted(job.skipped, key=lambda entry: order[entry["id"]])
 
 
 def _ids_digest(source: Any) -> str:
@@ -878,11 +893,26 @@ def run(args: argparse.Namespace) -> dict:
     start = time.perf_counter()
     try:
         with logging_redirect_tqdm(loggers=[logger]):
-            for k in todo:
-                shard_ids = source.ids[k * plan.shard_size : (k + 1) * plan.shard_size]
-                tensors, ids, skipped = encode_shard(model, processor, source, shard_ids, args, device, stats, progress)
-                metadata = {"format": FORMAT, "fingerprint": plan.fingerprint, "ids": json.dumps(ids),
-                            "skipped": json.dumps(skipped)}  # fmt: skip
+            jobs: dict[int, ShardJob] = {}  # at most two: the shard being encoded, the next one (started early)
+
+            def start_job(position: int) -> None:
+                if position < len(todo) and position not in jobs:
+                    k = todo[position]
+                    shard_ids = source.ids[k * plan.shard_size : (k + 1) * plan.shard_size]
+                    jobs[position] = ShardJob(k, shard_ids, source, processor, args, device, progress)
+
+            for position, k in enumerate(todo):
+                start_job(position)
+                job = jobs.pop(position)
+                tensors, ids, skipped = encode_shard(
+                    job, model, args, device, stats, on_last_forward=lambda: start_job(position + 1)
+                )
+                metadata = {
+                    "format": FORMAT,
+                    "fingerprint": plan.fingerprint,
+                    "ids": json.dumps(ids),
+                    "skipped": json.dumps(skipped),
+                }
                 write_shard(output / shard_name(k, plan.num_shards), tensors, metadata)
                 stats.shards_written += 1
                 stats.skipped_ids.extend(entry["id"] for entry in skipped)

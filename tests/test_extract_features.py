@@ -483,3 +483,28 @@ def test_torchrun_resumes_a_single_process_run(model_dir, image_dir, tmp_path, m
     assert "3 shard(s) written, 2 already done" in proc.stdout
     manifest, found = read_outputs(out)
     assert manifest["complete"] and manifest["num_shards"] == 5 and sorted(found) == good_paths(image_dir)
+
+
+def test_next_shard_is_planned_and_started_during_the_last_forward_of_the_current_one(
+    model_dir, image_dir, tmp_path, monkeypatch
+):
+    """Shard k+1's header pass and DataLoader start while shard k's last forward runs (asynchronously on a GPU),
+    i.e. before shard k is written: the model is not left idle at shard boundaries."""
+    events = []
+    real_job, real_write = ef.ShardJob, ef.write_shard
+
+    class RecordingJob(real_job):
+        def __init__(self, k, *args, **kwargs):
+            events.append(("start", k))
+            super().__init__(k, *args, **kwargs)
+
+    def recording_write(path, tensors, metadata):
+        events.append(("write", int(path.name.split("-")[1])))
+        real_write(path, tensors, metadata)
+
+    monkeypatch.setattr(ef, "ShardJob", RecordingJob)
+    monkeypatch.setattr(ef, "write_shard", recording_write)
+    assert extract(model_dir, image_dir, tmp_path / "feats", "--shard-size", 5, "--num-workers", 1) == 0
+    assert events == [("start", 0), ("start", 1), ("write", 0), ("start", 2), ("write", 1), ("write", 2)]
+    _, found = read_outputs(tmp_path / "feats")
+    assert sorted(found) == good_paths(image_dir)
