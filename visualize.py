@@ -27,6 +27,7 @@ Functions:
 from __future__ import annotations
 
 import math
+import numbers
 from pathlib import Path
 from typing import Any, Optional, Sequence, Union
 
@@ -112,24 +113,40 @@ def _put_text(draw: PIL.ImageDraw.ImageDraw, left: float, top: float, text: str,
     draw.text((round(left - l), round(top - t)), text, font=font, fill=fill)
 
 
+_IMAGE_KINDS = "a PIL image, or an (H, W, 3) or (H, W) uint8 numpy array or torch tensor"
+
+
 def _as_rgb(image: Any, name: str) -> PIL.Image.Image:
-    """A PIL image (converted to RGB) or an (H, W, 3) / (H, W) uint8 array -> RGB PIL image."""
+    """A PIL image (converted to RGB) or an (H, W, 3) / (H, W) uint8 array or tensor -> RGB PIL image."""
     if isinstance(image, PIL.Image.Image):
         if image.width == 0 or image.height == 0:
             raise ValueError(f"`{name}` is an empty image ({image.width}x{image.height})")
         return image if image.mode == "RGB" else image.convert("RGB")
     if isinstance(image, torch.Tensor):
+        if image.dtype != torch.uint8:  # checked first: .numpy() itself fails on bfloat16 with a TypeError
+            raise ValueError(
+                f"`{name}` must be {_IMAGE_KINDS}; got a {image.dtype} tensor of shape {tuple(image.shape)}"
+            )
         image = image.detach().cpu().numpy()
     if isinstance(image, np.ndarray):
         if image.dtype != np.uint8 or image.ndim not in (2, 3) or (image.ndim == 3 and image.shape[2] != 3):
             raise ValueError(
-                f"`{name}` must be a PIL image or an (H, W, 3) uint8 array, got an array of shape {image.shape} and "
-                f"dtype {image.dtype}"
+                f"`{name}` must be {_IMAGE_KINDS}; got shape {image.shape} and dtype {image.dtype}"
             )
         if image.shape[0] == 0 or image.shape[1] == 0:
-            raise ValueError(f"`{name}` is an empty array of shape {image.shape}")
+            raise ValueError(f"`{name}` is empty (shape {image.shape})")
         return PIL.Image.fromarray(image).convert("RGB")
-    raise ValueError(f"`{name}` must be a PIL image or an (H, W, 3) uint8 array, got {type(image).__name__}")
+    raise ValueError(f"`{name}` must be {_IMAGE_KINDS}; got {type(image).__name__}")
+
+
+def _check_int(value: Any, name: str, least: int, allow_none: bool = False) -> Optional[int]:
+    """An integer >= `least` (Python or numpy integers; not bool) -> int; ValueError otherwise."""
+    if value is None and allow_none:
+        return None
+    if not isinstance(value, numbers.Integral) or isinstance(value, (bool, np.bool_)) or value < least:
+        kind = f"an integer >= {least}" + (" or None" if allow_none else "")
+        raise ValueError(f"`{name}` must be {kind}, got {value!r}")
+    return int(value)
 
 
 def _as_int_list(values: Any, name: str) -> list[int]:
@@ -283,10 +300,8 @@ def draw_patch_grid(
     """
     img = _as_rgb(image, "image")
     grid = _as_grid(grid_hw)
-    if not isinstance(scale, int) or isinstance(scale, bool) or scale < 1:
-        raise ValueError(f"`scale` must be a positive integer, got {scale!r}")
-    if label_every is not None and (not isinstance(label_every, int) or label_every < 1):
-        raise ValueError(f"`label_every` must be a positive integer or None, got {label_every!r}")
+    scale = _check_int(scale, "scale", 1)
+    label_every = _check_int(label_every, "label_every", 1, allow_none=True)
     p = _cell_size(img, grid, patch_size, "image")
     h, w = grid
     ids = None
@@ -362,7 +377,9 @@ def patch_grids(inputs: Any, *, scale: int = 1, save_to: Optional[PathLike] = No
 # --------------------------------------------------------------------------------------------------------------
 # (b) PCA of patch features
 # --------------------------------------------------------------------------------------------------------------
-def _as_feature_map(feature_map: Any, name: str) -> torch.Tensor:
+def _as_feature_map(feature_map: Any, name: str) -> tuple[torch.Tensor, float]:
+    """-> (the map in float64, the relative precision of the values as given: eps of their float dtype, or of
+    float64 for integers)."""
     if not isinstance(feature_map, (torch.Tensor, np.ndarray)):
         raise ValueError(f"`{name}` must be an (h, w, C) tensor or array, got {type(feature_map).__name__}")
     x = torch.as_tensor(feature_map).detach().cpu()
@@ -370,10 +387,11 @@ def _as_feature_map(feature_map: Any, name: str) -> torch.Tensor:
         raise ValueError(f"`{name}` must have shape (h, w, C) with no zero sizes, got {tuple(x.shape)}")
     if not (x.is_floating_point() or x.dtype in (torch.int32, torch.int64)):
         raise ValueError(f"`{name}` must hold numbers, got dtype {x.dtype}")
+    eps = torch.finfo(x.dtype if x.is_floating_point() else torch.float64).eps
     x = x.to(torch.float64)
     if not torch.isfinite(x).all():
         raise ValueError(f"`{name}` contains NaN or infinite values")
-    return x
+    return x, eps
 
 
 def _check_quantile(quantile: float) -> float:
@@ -382,21 +400,43 @@ def _check_quantile(quantile: float) -> float:
     return float(quantile)
 
 
-def _pca_uint8(x: torch.Tensor, quantile: float) -> torch.Tensor:
-    """(n, C) float64 -> (n, 3) uint8: centre, SVD, sign rule, robust per-component scaling (see `pca_rgb`)."""
+def _top_components(x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Singular values (k,) and right singular vectors (k, C), largest first, of a centred (n, C) float64 matrix,
+    from the eigendecomposition of the smaller of the C x C covariance and the n x n Gram matrix (no n x C factor
+    is ever built, as a full SVD would)."""
     n, c = x.shape
+    if c <= n:
+        lam, vecs = torch.linalg.eigh(x.T @ x)  # ascending
+        lam, vh = lam.flip(0)[:k], vecs.flip(1)[:, :k].T
+        return lam.clamp_min(0).sqrt(), vh
+    lam, u = torch.linalg.eigh(x @ x.T)
+    lam, u = lam.flip(0)[:k], u.flip(1)[:, :k]
+    s = lam.clamp_min(0).sqrt()
+    vh = (x.T @ u / torch.where(s > 0, s, torch.ones_like(s))).T  # rows with s == 0 are never used
+    return s, vh
+
+
+def _pca_uint8(x: torch.Tensor, quantile: float, eps: float) -> torch.Tensor:
+    """(n, C) float64 -> (n, 3) uint8: centre, top components, sign rule, robust per-component scaling (see
+    `pca_rgb`). `eps`: the relative precision of the values as given (their dtype's machine epsilon)."""
+    n, c = x.shape
+    raw_norm = torch.linalg.vector_norm(x)
     x = x - x.mean(dim=0, keepdim=True)
     out = torch.full((n, 3), 128.0, dtype=torch.float64)
     k = min(3, n, c)
     if k > 0 and x.abs().max() > 0:
-        _, s, vh = torch.linalg.svd(x, full_matrices=False)
-        vh = vh[:k]
+        s, vh = _top_components(x, k)
+        # "no variance": a singular value within the input's rounding error (each value is off by <= eps * |value|,
+        # so by Weyl's inequality a direction the data does not have shows up at most at eps * ||x||_F), or within
+        # what the float64 covariance / eigendecomposition can resolve
+        tol = max(eps * raw_norm.item(), math.sqrt(max(n, c) * torch.finfo(torch.float64).eps)
+                  * torch.linalg.vector_norm(x).item())
         # sign: the largest-|loading| entry of each component is positive
         signs = torch.sign(vh[torch.arange(k), vh.abs().argmax(dim=1)])
         signs[signs == 0] = 1.0
         comps = (x @ vh.T) * signs
         for i in range(k):
-            if s[i] <= s[0] * 1e-9:
+            if s[i] <= tol:
                 continue  # no variance along this direction: stays grey
             col = comps[:, i]
             lo, hi = torch.quantile(col, quantile), torch.quantile(col, 1.0 - quantile)
@@ -409,11 +449,14 @@ def _pca_uint8(x: torch.Tensor, quantile: float) -> torch.Tensor:
 def pca_rgb(feature_map: Union[torch.Tensor, np.ndarray], *, quantile: float = 0.01) -> np.ndarray:
     """The first three principal components of an `(h, w, C)` feature map as an `(h, w, 3)` uint8 RGB image.
 
-    The `h * w` feature vectors are centred and decomposed with an SVD in float64; component k (k = 0, 1, 2) becomes
-    channel k (R, G, B). Each component's sign is fixed deterministically (its loading vector's largest-|value|
-    entry is made positive) and each is scaled to 0..255 independently with a robust min / max (the `quantile` and
-    `1 - quantile` quantiles; values beyond are clipped). Components that do not exist (fewer than 3 patches or
-    channels) or carry no variance are mid-grey (128).
+    The `h * w` feature vectors are centred and their principal components found in float64 (eigendecomposition
+    of the C x C covariance, or of the n x n Gram matrix when there are fewer patches than channels); component k
+    (k = 0, 1, 2) becomes channel k (R, G, B). Each component's sign is fixed deterministically (its loading
+    vector's largest-|value| entry is made positive) and each is scaled to 0..255 independently with a robust
+    min / max (the `quantile` and `1 - quantile` quantiles; values beyond are clipped). Components that do not
+    exist (fewer than 3 patches or channels) or carry no variance are mid-grey (128); "no variance" means a
+    singular value within the rounding error of the input's dtype (`eps * ||map||_F`: float32, bfloat16 and float16
+    maps each get their own), or below what the float64 computation resolves.
 
     Args:
         feature_map: `(h, w, C)` tensor or array, e.g. one entry of `processor.unpack(...)`.
@@ -423,9 +466,9 @@ def pca_rgb(feature_map: Union[torch.Tensor, np.ndarray], *, quantile: float = 0
         an `(h, w, 3)` uint8 numpy array.
     """
     q = _check_quantile(quantile)
-    x = _as_feature_map(feature_map, "feature_map")
+    x, eps = _as_feature_map(feature_map, "feature_map")
     h, w, c = x.shape
-    return _pca_uint8(x.reshape(h * w, c), q).reshape(h, w, 3).numpy()
+    return _pca_uint8(x.reshape(h * w, c), q, eps).reshape(h, w, 3).numpy()
 
 
 def pca_rgb_joint(
@@ -444,11 +487,11 @@ def pca_rgb_joint(
     q = _check_quantile(quantile)
     if not isinstance(feature_maps, (list, tuple)) or not feature_maps:
         raise ValueError("`feature_maps` must be a non-empty list of (h, w, C) maps")
-    maps = [_as_feature_map(m, f"feature_maps[{i}]") for i, m in enumerate(feature_maps)]
+    maps, epss = zip(*(_as_feature_map(m, f"feature_maps[{i}]") for i, m in enumerate(feature_maps)))
     channels = {m.shape[2] for m in maps}
     if len(channels) != 1:
         raise ValueError(f"`feature_maps` must share one channel count C, got {[m.shape[2] for m in maps]}")
-    rgb = _pca_uint8(torch.cat([m.reshape(-1, m.shape[2]) for m in maps]), q)
+    rgb = _pca_uint8(torch.cat([m.reshape(-1, m.shape[2]) for m in maps]), q, max(epss))
     sizes = [m.shape[0] * m.shape[1] for m in maps]
     return [part.reshape(m.shape[0], m.shape[1], 3).numpy() for part, m in zip(torch.split(rgb, sizes), maps)]
 
@@ -463,9 +506,8 @@ def _pca_panel(img: PIL.Image.Image, rgb: np.ndarray, gap: int, name: str, image
     return hstack([img, pca], gap=gap)
 
 
-def _check_gap(gap: Any) -> None:
-    if not isinstance(gap, int) or isinstance(gap, bool) or gap < 0:
-        raise ValueError(f"`gap` must be a non-negative integer, got {gap!r}")
+def _check_gap(gap: Any) -> int:
+    return _check_int(gap, "gap", 0)
 
 
 def pca_view(
@@ -491,7 +533,7 @@ def pca_view(
         an RGB image of `(2 * W + gap) x H` pixels (W x H: the image's size).
     """
     img = _as_rgb(image, "image")
-    _check_gap(gap)
+    gap = _check_gap(gap)
     return _finish(_pca_panel(img, pca_rgb(feature_map, quantile=quantile), gap, "feature_map", "image"), save_to)
 
 
@@ -521,7 +563,7 @@ def pca_views(
         raise ValueError("`images` and `feature_maps` must be lists")
     if len(images) != len(feature_maps) or not images:
         raise ValueError(f"got {len(images)} `images` and {len(feature_maps)} `feature_maps`; pass one map per image")
-    _check_gap(gap)
+    gap = _check_gap(gap)
     imgs = [_as_rgb(im, f"images[{i}]") for i, im in enumerate(images)]
     if joint:
         rgbs = pca_rgb_joint(feature_maps, quantile=quantile)
@@ -538,6 +580,38 @@ def pca_views(
 # --------------------------------------------------------------------------------------------------------------
 # (c) the pack
 # --------------------------------------------------------------------------------------------------------------
+def _segment_edges(cu: Sequence[int], width: int) -> list[int]:
+    """Column edges of the pack strip's segments: `round(cu[k] * width / N)`, moved (right, then left near the end)
+    just enough that every image gets at least one column (needs `width >= len(cu) - 1`): edges are strictly
+    increasing, 0 first and `width` last."""
+    total, k = cu[-1], len(cu) - 1
+    xs = [int(round(c * width / total)) for c in cu]
+    for i in range(1, k + 1):  # push right past tiny segments...
+        xs[i] = max(xs[i], xs[i - 1] + 1)
+    xs[k] = width
+    for i in range(k - 1, 0, -1):  # ... and back left where that ran past the end
+        xs[i] = min(xs[i], xs[i + 1] - 1)
+    return xs
+
+
+def _place_labels(centres: Sequence[float], widths: Sequence[int], width: int, gap: int = 3) -> list[Optional[int]]:
+    """Left edges for labels centred at `centres` (clamped inside `[0, width)`), or None where a label would come
+    within `gap` px of one already placed (or is wider than the picture). The LAST label is placed first (the
+    pack's total length is always shown), then the others from left to right."""
+    lefts: list[Optional[int]] = [None] * len(centres)
+    placed: list[tuple[int, int]] = []
+    order = [len(centres) - 1, *range(len(centres) - 1)] if centres else []
+    for i in order:
+        if widths[i] > width:
+            continue
+        left = int(min(max(0, centres[i] - widths[i] // 2), width - widths[i]))
+        right = left + widths[i]
+        if all(right + gap < a or left > b + gap for a, b in placed):
+            lefts[i] = left
+            placed.append((left, right))
+    return lefts
+
+
 def pack_strip(
     cu_seqlens: Union[Sequence[int], torch.Tensor, np.ndarray],
     grid_hw: Optional[Union[Sequence[Sequence[int]], torch.Tensor, np.ndarray]] = None,
@@ -549,17 +623,20 @@ def pack_strip(
 ) -> PIL.Image.Image:
     """A strip picture of one pack: where each image's tokens sit in the packed sequence.
 
-    Image k's tokens `[cu_seqlens[k], cu_seqlens[k+1])` fill the columns `[round(cu_seqlens[k] * width / N),
-    round(cu_seqlens[k+1] * width / N))` of a horizontal bar (N = `cu_seqlens[-1]`) in colour `PALETTE[k % 10]`, so
-    colour changes sit exactly at the scaled `cu_seqlens` (an image shorter than N / width tokens may get no column).
-    Labels (above the bar) and the `cu_seqlens` values (below it) are drawn only where they fit; row `height // 2` is
-    always inside the bar and holds nothing but segment colours.
+    Image k's tokens `[cu_seqlens[k], cu_seqlens[k+1])` fill the columns `[x_k, x_{k+1})` of a horizontal bar in
+    colour `PALETTE[k % 10]`, where `x_k = round(cu_seqlens[k] * width / N)` (N = `cu_seqlens[-1]`), so colour
+    changes sit at the scaled `cu_seqlens` -- except that every image gets at least one column: an image shorter
+    than about N / width tokens still shows, and the edges after it move right (or, near the end, left) just
+    enough to make room. So every image is visible and neighbours never share a colour. Labels (above the bar) and
+    the `cu_seqlens` values (below it) are drawn only where they fit, N first (so it is always there); row
+    `height // 2` is always inside the bar and holds nothing but segment colours.
 
     Args:
         cu_seqlens: `[0, n1, n1 + n2, ..., N]` (the processor's / model's `cu_seqlens`).
         grid_hw: optional `(k, 2)` patch grids; each must hold its image's token count. Added to the labels.
         labels: optional one label per image (default `"image k"`).
-        width, height: picture size in pixels (height >= 8; text needs height >= 48).
+        width, height: picture size in pixels (width >= the number of images, height >= 8; text needs
+            height >= 48).
         save_to: also write the picture to this PNG path.
 
     Returns:
@@ -584,20 +661,18 @@ def pack_strip(
         labels = [str(t) for t in labels]
         if len(labels) != k:
             raise ValueError(f"`labels` has {len(labels)} entries but `cu_seqlens` describes {k} images")
-    for name, value, least in (("width", width, 2), ("height", height, 8)):
-        if not isinstance(value, int) or isinstance(value, bool) or value < least:
-            raise ValueError(f"`{name}` must be an integer >= {least}, got {value!r}")
+    width, height = _check_int(width, "width", 2), _check_int(height, "height", 8)
+    if width < k:
+        raise ValueError(f"`width` = {width} px is too narrow for {k} images (one column each); pass width >= {k}")
 
-    total = cu[-1]
-    xs = [int(round(c * width / total)) for c in cu]
+    xs = _segment_edges(cu, width)
     text = height >= 48
     band = (height - 4) // 3 if text else 0
     top, bottom = (band + 2, height - band - 2) if text else (0, height)
     pic = PIL.Image.new("RGB", (width, height), WHITE)
     draw = PIL.ImageDraw.Draw(pic)
     for i in range(k):
-        if xs[i + 1] > xs[i]:
-            draw.rectangle([xs[i], top, xs[i + 1] - 1, bottom - 1], fill=PALETTE[i % len(PALETTE)])
+        draw.rectangle([xs[i], top, xs[i + 1] - 1, bottom - 1], fill=PALETTE[i % len(PALETTE)])
     if text:
         font = _font(max(8, min(12, band - 2)))
         for i in range(k):
@@ -614,16 +689,15 @@ def pack_strip(
                 if tw + 2 <= room:
                     _put_text(draw, (xs[i] + xs[i + 1] - tw) / 2, top - 3 - th, option, font, (0, 0, 0))
                     break
-        right_edge = -10
-        for i, x in enumerate(xs):  # the cu_seqlens values under the bar, where they do not overlap
-            label = str(cu[i])
-            tw, _ = _text_size(draw, label, font)
-            x_tick = min(x, width - 1)
+        ticks = [min(x, width - 1) for x in xs]
+        for x_tick in ticks:
             draw.line([(x_tick, bottom), (x_tick, bottom + 3)], fill=(0, 0, 0))
-            left = min(max(0, x_tick - tw // 2), width - tw)
-            if left > right_edge + 3:
-                _put_text(draw, left, bottom + 5, label, font, (0, 0, 0))
-                right_edge = left + tw
+        # the cu_seqlens values under the bar, where they do not overlap (N first, so it is always there)
+        values = [str(c) for c in cu]
+        lefts = _place_labels(ticks, [_text_size(draw, v, font)[0] for v in values], width)
+        for value, left in zip(values, lefts):
+            if left is not None:
+                _put_text(draw, left, bottom + 5, value, font, (0, 0, 0))
     return _finish(pic, save_to)
 
 
@@ -643,8 +717,7 @@ def vstack(images: Sequence[ImageLike], *, gap: int = 8, background: Color = WHI
 def _stack(images: Sequence[ImageLike], gap: int, background: Color, horizontal: bool) -> PIL.Image.Image:
     if not isinstance(images, (list, tuple)) or not images:
         raise ValueError("`images` must be a non-empty list of images")
-    if not isinstance(gap, int) or isinstance(gap, bool) or gap < 0:
-        raise ValueError(f"`gap` must be a non-negative integer, got {gap!r}")
+    gap = _check_gap(gap)
     imgs = [_as_rgb(im, f"images[{i}]") for i, im in enumerate(images)]
     if horizontal:
         size = (sum(im.width for im in imgs) + gap * (len(imgs) - 1), max(im.height for im in imgs))

@@ -7,12 +7,20 @@ patches, a 70 x 70 position table -- at a small width) is written, converted wit
 the Hub way (AutoModel / AutoImageProcessor, trust_remote_code=True); three synthetic images of different sizes
 are encoded in ONE forward and drawn with visualize.py. Random weights: the PCA colours follow local colour and
 texture, not objects -- run examples/quickstart.ipynb with a real checkpoint for that. Takes a few seconds on a CPU.
+
+Loading remote code copies it into transformers' modules cache (HF_MODULES_CACHE, by default
+~/.cache/huggingface/modules), one new folder per run here (the converted folder's name is unique). Unless you set
+HF_MODULES_CACHE, the script points it at its own temporary folder, so nothing is left behind; called in a process
+that has already imported transformers (too late for that), it removes its folder from the cache afterwards.
+tests/test_visualize.py compares the output with docs/*.png pixel for pixel.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import shutil
 import sys
 import tempfile
 from pathlib import Path
@@ -104,23 +112,42 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0, help="weight seed")
     args = parser.parse_args(argv)
 
-    import transformers
-    from transformers import AutoImageProcessor, AutoModel
-
-    dtype_kwarg = "dtype" if int(transformers.__version__.split(".")[0]) >= 5 else "torch_dtype"
     out = Path(args.out)
     with tempfile.TemporaryDirectory(prefix="siglip-navit-figures-") as tmp:
-        src = tiny_bagel_checkpoint(Path(tmp) / "bagel", args.layers, args.seed)
-        # unique folder name: transformers 4.x caches remote code by the folder's base name
-        repo = Path(tempfile.mkdtemp(prefix="siglip-navit-tiny-", dir=tmp))
-        rc = convert_checkpoint.main(["--src", str(src), "--out", str(repo), "--no-progress", "--quiet"])
-        if rc != 0:
-            return rc
-        processor = AutoImageProcessor.from_pretrained(repo, trust_remote_code=True)
-        model = AutoModel.from_pretrained(repo, trust_remote_code=True, **{dtype_kwarg: torch.float32}).eval()
-        inputs = processor(images=images(), return_tensors="pt")
-        with torch.no_grad():
-            maps = processor.unpack(model(**inputs).last_hidden_state, inputs)
+        # keep the remote-code copy out of ~/.cache: HF_MODULES_CACHE is read when transformers is imported
+        user_cache = "HF_MODULES_CACHE" in os.environ
+        redirected = not user_cache and "transformers" not in sys.modules
+        if redirected:
+            os.environ["HF_MODULES_CACHE"] = str(Path(tmp) / "modules")  # goes with the temporary folder
+        try:
+            import transformers
+            import transformers.dynamic_module_utils
+            from transformers import AutoImageProcessor, AutoModel
+
+            dtype_kwarg = "dtype" if int(transformers.__version__.split(".")[0]) >= 5 else "torch_dtype"
+            src = tiny_bagel_checkpoint(Path(tmp) / "bagel", args.layers, args.seed)
+            # unique folder name: transformers 4.x caches remote code by the folder's base name
+            repo = Path(tempfile.mkdtemp(prefix="siglip-navit-tiny-", dir=tmp))
+            rc = convert_checkpoint.main(["--src", str(src), "--out", str(repo), "--no-progress", "--quiet"])
+            if rc != 0:
+                return rc
+            try:
+                processor = AutoImageProcessor.from_pretrained(repo, trust_remote_code=True)
+                model = AutoModel.from_pretrained(repo, trust_remote_code=True, **{dtype_kwarg: torch.float32})
+                model.eval()
+            finally:
+                if not user_cache and not redirected:
+                    # transformers was imported before us: remove this run's folder from the cache (4.x names it
+                    # after the converted folder, 5.x after its sanitised name); the loaded classes stay usable
+                    cache = Path(transformers.dynamic_module_utils.HF_MODULES_CACHE) / "transformers_modules"
+                    for name in {repo.name, repo.name.replace(".", "_dot_").replace("-", "_hyphen_")}:
+                        shutil.rmtree(cache / name, ignore_errors=True)
+            inputs = processor(images=images(), return_tensors="pt")
+            with torch.no_grad():
+                maps = processor.unpack(model(**inputs).last_hidden_state, inputs)
+        finally:
+            if redirected:
+                os.environ.pop("HF_MODULES_CACHE", None)
 
     resized = vis.resized_images(inputs)
     grids = vis.patch_grids(inputs, save_to=out / FIGURES[0])

@@ -1,5 +1,6 @@
 """examples/quickstart.ipynb: committed with stripped outputs, and executes top to bottom (nbclient) in a kernel
-running THIS test's Python (the test virtualenv), from the examples/ folder as Jupyter would."""
+running THIS test's Python (the test virtualenv), from the examples/ folder as Jupyter would. The kernel inherits
+this process's environment: its temporary files and the remote-code copy transformers makes go under tmp_path."""
 
 import os
 import sys
@@ -26,7 +27,11 @@ def test_committed_notebook_is_stripped():
         assert not set(cell.get("metadata", {})) & {"execution", "scrolled", "collapsed"}, cell.metadata
 
 
-def test_notebook_executes(tmp_path):
+def test_notebook_executes(tmp_path, monkeypatch):
+    scratch, modules = tmp_path / "tmp", tmp_path / "hf_modules"
+    scratch.mkdir()
+    monkeypatch.setenv("TMPDIR", str(scratch))  # the notebook's WORK folder (tempfile) lands here
+    monkeypatch.setenv("HF_MODULES_CACHE", str(modules))  # not ~/.cache/huggingface/modules: a new folder per run
     nb = nbformat.read(NOTEBOOK, as_version=4)
     n_code = sum(c.cell_type == "code" for c in nb.cells)
     # one extra cell reports the kernel's interpreter, so the test proves the notebook ran in THIS environment
@@ -53,3 +58,6 @@ def test_notebook_executes(tmp_path):
     worst = float(text.split("packed vs one image at a time: max |diff| =")[1].split()[0])
     assert worst <= 1e-5
     assert text.count("-> feature map (") == 3
+    # the remote code was loaded from the redirected cache, and the last cell removed WORK
+    assert (modules / "transformers_modules").is_dir()
+    assert not list(scratch.glob("siglip-navit-quickstart-*")), list(scratch.iterdir())

@@ -1,7 +1,9 @@
-"""visualize.py: picture sizes for non-square inputs, PNG output, PCA separating two halves, the pack strip's
-segment boundaries, exact recovery of the resized images, error messages, and the README figure script."""
+"""visualize.py: picture sizes for non-square inputs, PNG output, which position id is drawn in which patch, PCA
+separating two halves (robust scaling, dtype-aware "no variance"), the pack strip's segment boundaries and labels,
+exact recovery of the resized images, error messages, and the README figures (rebuilt and compared with docs/)."""
 
-import importlib.util
+import os
+import subprocess
 import sys
 
 import numpy as np
@@ -76,6 +78,47 @@ def test_draw_patch_grid_size_and_png(tmp_path, grid, scale):
     assert (np.asarray(pic).astype(int) < plain).any()
 
 
+def changed_cells(a, b, cell):
+    """The set of (row, col) cells of size `cell` in which pictures a and b differ."""
+    diff = np.argwhere((np.asarray(a) != np.asarray(b)).any(-1))
+    return {(int(y) // cell, int(x) // cell) for y, x in diff}
+
+
+@pytest.mark.parametrize("grid,patch", [((3, 5), (1, 3)), ((7, 2), (5, 0)), ((7, 2), (2, 1))])
+def test_draw_patch_grid_puts_each_id_in_its_own_patch(grid, patch):
+    """Two id lists that differ only at patch (i, j) (row-major index i * cols + j) give pictures that differ only
+    inside that patch's cell -- a transposed or constant index would change another cell, or none."""
+    h, w = grid
+    i, j = patch
+    p, scale = 14, 3
+    img = grid_image(h, w, p, seed=7)
+    ids = list(range(100, 100 + h * w))
+    other = list(ids)
+    other[i * w + j] = 999
+    kwargs = dict(scale=scale, label_every=1)
+    a = vis.draw_patch_grid(img, grid, position_ids=ids, **kwargs)
+    b = vis.draw_patch_grid(img, grid, position_ids=other, **kwargs)
+    assert changed_cells(a, b, p * scale) == {(i, j)}
+
+
+def test_patch_grids_take_each_images_ids_from_its_own_slice():
+    inputs, _ = fake_inputs(GRIDS, 14)
+    (h0, w0), (h1, w1) = GRIDS
+    i, j = 5, 1  # a patch of the second (7 x 2) image
+    ids = inputs["packed_flattened_position_ids"].clone()
+    ids[h0 * w0 + i * w1 + j] = 999
+    before = vis.patch_grids(inputs, scale=3)
+    after = vis.patch_grids(dict(inputs, packed_flattened_position_ids=ids), scale=3)
+    assert np.array_equal(np.asarray(before[0]), np.asarray(after[0]))
+    assert changed_cells(before[1], after[1], 14 * 3) == {(i, j)}
+    # and the first image's own ids: change one, only that image's picture changes, in that patch
+    ids = inputs["packed_flattened_position_ids"].clone()
+    ids[1 * w0 + 4] = 999
+    after = vis.patch_grids(dict(inputs, packed_flattened_position_ids=ids), scale=3)
+    assert changed_cells(before[0], after[0], 14 * 3) == {(1, 4)}
+    assert np.array_equal(np.asarray(before[1]), np.asarray(after[1]))
+
+
 def test_draw_patch_grid_infers_patch_size_and_checks_it():
     img = grid_image(3, 5, 6)
     assert vis.draw_patch_grid(img, (3, 5)).size == (30, 18)
@@ -91,6 +134,29 @@ def test_draw_patch_grid_infers_patch_size_and_checks_it():
         vis.draw_patch_grid(img, (3, 5), scale=0)
     with pytest.raises(ValueError, match="`image` must be a PIL image"):
         vis.draw_patch_grid("nope.png", (3, 5))
+    with pytest.raises(ValueError, match=r"`scale` must be an integer >= 1, got 2\.0"):
+        vis.draw_patch_grid(img, (3, 5), scale=2.0)
+    with pytest.raises(ValueError, match="`label_every` must be an integer >= 1 or None"):
+        vis.draw_patch_grid(img, (3, 5), label_every=True)
+
+
+def test_numpy_integers_and_unsupported_image_dtypes():
+    img = grid_image(3, 5, 6)
+    i64, i32 = np.int64, np.int32
+    pic = vis.draw_patch_grid(img, (3, 5), position_ids=np.arange(15), scale=i64(2), label_every=i32(2))
+    assert pic.size == (60, 36)
+    assert vis.pca_view(img, torch.randn(3, 5, 4), gap=i64(3)).size == (63, 18)
+    assert vis.hstack([img, img], gap=np.uint8(1)).size == (61, 18)
+    assert vis.pack_strip([0, 10, 30], width=i64(120), height=i32(60)).size == (120, 60)
+    # an (H, W, 3) uint8 tensor works like the array; other dtypes get a ValueError that says what is accepted
+    tensor = torch.from_numpy(np.asarray(img).copy())
+    assert np.array_equal(np.asarray(vis.draw_patch_grid(tensor, (3, 5))), np.asarray(vis.draw_patch_grid(img, (3, 5))))
+    accepted = r"must be a PIL image, or an \(H, W, 3\) or \(H, W\) uint8 numpy array or torch tensor"
+    for bad in (tensor.to(torch.bfloat16), tensor.float(), np.asarray(img).astype(np.float32)):
+        with pytest.raises(ValueError, match=accepted):
+            vis.draw_patch_grid(bad, (3, 5))
+        with pytest.raises(ValueError, match=accepted):
+            vis.hstack([img, bad])
 
 
 def test_resized_images_are_exact_and_patch_grids_follow_the_pack(tmp_path):
@@ -148,8 +214,9 @@ def test_pca_separates_two_halves(seed):
     assert between > 200 and between > 2 * within
 
 
-def test_pca_is_deterministic_and_sign_fixed():
-    fmap = two_halves(seed=4)
+@pytest.mark.parametrize("c", [32, 100])  # more patches (48) than channels, and fewer: the two code paths
+def test_pca_is_deterministic_and_sign_fixed(c):
+    fmap = two_halves(c=c, seed=4)
     assert np.array_equal(vis.pca_rgb(fmap), vis.pca_rgb(fmap.clone()))
     assert np.array_equal(vis.pca_rgb(fmap), vis.pca_rgb(fmap.numpy().astype(np.float64)))
     # an independent reference: eigenvectors of the covariance (their signs are arbitrary too) with the documented
@@ -171,6 +238,40 @@ def test_pca_degenerate_inputs_are_grey():
     assert one.shape == (1, 1, 3) and (one == 128).all()
     two = vis.pca_rgb(torch.tensor([[[0.0, 0.0], [1.0, 1.0]]]))  # 2 patches, 2 channels: one real component
     assert two.shape == (1, 2, 3) and sorted(two[0, :, 0].tolist()) == [0, 255] and (two[..., 1:] == 128).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_pca_rank_two_data_leaves_the_third_channel_grey(dtype):
+    """Rank-2 data stored in a low-precision dtype: its third singular value is rounding noise, not variance."""
+    gen = torch.Generator().manual_seed(0)
+    a, b, offset = (torch.randn(48, generator=gen) for _ in range(3))
+    alpha, beta = torch.randn(6, 8, 1, generator=gen), torch.randn(6, 8, 1, generator=gen)
+    fmap = (alpha * a + 0.5 * beta * b + offset).to(dtype)
+    rgb = vis.pca_rgb(fmap)
+    assert (rgb[..., 2] == 128).all()
+    assert rgb[..., 0].min() < 10 and rgb[..., 0].max() > 245  # the two real components are drawn
+    assert rgb[..., 1].min() < 10 and rgb[..., 1].max() > 245
+    joint = vis.pca_rgb_joint([fmap, fmap[:3]])
+    assert all((part[..., 2] == 128).all() for part in joint)
+
+
+def test_pca_quantile_clipping_ignores_one_outlier_patch():
+    """One extreme patch must not squeeze every other patch into a corner of the colour range."""
+    h, w, c = 20, 20, 8
+    ramp = torch.linspace(-1, 1, h * w)
+    x = torch.zeros(h * w, c, dtype=torch.float64)
+    x[:, 0] = ramp
+    x[:, 1] = 0.3 * torch.sin(ramp * 7)
+    x[:, 2] = 0.1 * torch.cos(ramp * 13)
+    x[137, 0] = 100.0  # the outlier, far out along the first component
+    fmap = x.reshape(h, w, c)
+    red = vis.pca_rgb(fmap)[..., 0].reshape(-1).astype(int)
+    others = np.delete(red, 137)
+    assert red[137] == 255  # clipped at the top of the range
+    assert others.min() <= 3 and others.max() >= 250  # the rest still spans ~0..255
+    assert np.percentile(others, 75) - np.percentile(others, 25) > 100
+    squeezed = np.delete(vis.pca_rgb(fmap, quantile=0.0)[..., 0].reshape(-1).astype(int), 137)
+    assert squeezed.max() < 10  # without clipping the outlier takes the whole range
 
 
 def test_joint_pca_gives_one_colour_per_feature_across_images(tmp_path):
@@ -247,9 +348,52 @@ def test_pack_strip_boundaries_at_scaled_cu_seqlens(tmp_path, width, height):
     assert reopen(tmp_path / "strip.png") == ("PNG", "RGB", (width, height))
     runs = segments(np.asarray(pic)[height // 2])
     edges = [round(c * width / cu[-1]) for c in cu]
-    want = [(a, b, vis.PALETTE[i % 10]) for i, (a, b) in enumerate(zip(edges, edges[1:])) if b > a]
+    for i in range(1, len(edges)):  # the (1, 1) image is under one column wide at 97 px: it still gets one
+        edges[i] = max(edges[i], edges[i - 1] + 1)
+    assert edges[-1] == width
+    want = [(a, b, vis.PALETTE[i % 10]) for i, (a, b) in enumerate(zip(edges, edges[1:]))]
     assert runs == want
     assert runs[0][0] == 0 and runs[-1][1] == width
+
+
+@pytest.mark.parametrize(
+    "cu,width",
+    [
+        ([0, 1, 100000], 800),  # a 1-token image first
+        ([0, 100000, 100001, 100002], 800),  # two tiny images last: the edges before them move left
+        (np.cumsum([0] + [50000, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 50000, 2, 3]).tolist(), 300),  # > 10 tiny ones
+        (list(range(0, 41)), 40),  # exactly one column each
+    ],
+)
+def test_pack_strip_every_image_gets_a_column(cu, width):
+    k = len(cu) - 1
+    runs = segments(np.asarray(vis.pack_strip(cu, width=width, height=60))[30])
+    assert len(runs) == k, "every image is visible"
+    assert [colour for _, _, colour in runs] == [vis.PALETTE[i % 10] for i in range(k)]
+    assert all(b > a for a, b, _ in runs) and runs[0][0] == 0 and runs[-1][1] == width
+    assert all(r[2] != s[2] for r, s in zip(runs, runs[1:])), "neighbours share a colour"
+    if k > 2:
+        with pytest.raises(ValueError, match=f"too narrow for {k} images"):
+            vis.pack_strip(cu, width=k - 1)
+
+
+def test_pack_strip_always_shows_the_total(monkeypatch):
+    # the helper: the last label is placed first, then the others left to right where they do not overlap
+    assert vis._place_labels([0, 635, 796, 799], [6, 24, 24, 24], 800) == [0, 623, None, 776]
+    assert vis._place_labels([0, 20, 40], [6, 6, 6], 100) == [0, 17, 37]
+    assert vis._place_labels([0, 30, 34], [6, 6, 6], 100) == [0, None, 31]
+    assert vis._place_labels([0, 60], [6, 200], 100) == [0, None]  # wider than the picture
+    # and the strip itself: record what gets written
+    drawn = []
+    put_text = vis._put_text
+
+    def recording_put_text(draw, left, top, text, *args):
+        drawn.append(text)
+        put_text(draw, left, top, text, *args)
+
+    monkeypatch.setattr(vis, "_put_text", recording_put_text)
+    vis.pack_strip([0, 2700, 3384, 3400], width=800)
+    assert "3400" in drawn and "0" in drawn and "2700" in drawn and "3384" not in drawn  # 3384 would overlap 3400
 
 
 def test_pack_strip_labels_and_errors():
@@ -297,13 +441,25 @@ def test_stack_and_save_png(tmp_path):
         vis.save_png(a, tmp_path / "x.jpg")
 
 
-# ---- the README figures keep building -------------------------------------------------------------------------
+# ---- the README figures are up to date --------------------------------------------------------------------------
 def test_make_figures_script(tmp_path):
-    spec = importlib.util.spec_from_file_location("make_figures", ROOT / "scripts" / "make_figures.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    assert module.main(["--out", str(tmp_path)]) == 0
-    for name in module.FIGURES:
-        fmt, mode, size = reopen(tmp_path / name)
-        assert fmt == "PNG" and size[0] > 100 and size[1] > 40
-        assert (tmp_path / name).stat().st_size < 200_000
+    """Runs `python scripts/make_figures.py` as a user would (a fresh process, HF_HOME pointed into tmp_path) and
+    compares the pictures with the committed docs/*.png pixel for pixel; the remote code it loads must not land in
+    the Hugging Face modules cache."""
+    hf_home = tmp_path / "hf_home"
+    env = {k: v for k, v in os.environ.items() if k != "HF_MODULES_CACHE"}
+    env.update(HF_HOME=str(hf_home), TMPDIR=str(tmp_path))
+    out = tmp_path / "figures"
+    run = subprocess.run([sys.executable, str(ROOT / "scripts" / "make_figures.py"), "--out", str(out)],
+                         env=env, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stdout + run.stderr
+    assert not (hf_home / "modules").exists(), "make_figures.py wrote to the Hugging Face modules cache"
+    leftovers = [p.name for p in tmp_path.iterdir() if p.name not in ("figures", "hf_home")]
+    assert not leftovers, f"make_figures.py left temporary files behind: {leftovers}"
+    for name in ("patch_grid.png", "pca.png", "pack_strip.png"):
+        assert reopen(out / name)[:2] == ("PNG", "RGB") and (out / name).stat().st_size < 200_000
+        with PIL.Image.open(out / name) as new, PIL.Image.open(ROOT / "docs" / name) as old:
+            new_px, old_px = np.asarray(new.convert("RGB")), np.asarray(old.convert("RGB"))
+        stale = f"docs/{name} is out of date: rerun `python scripts/make_figures.py` and commit docs/*.png"
+        assert new_px.shape == old_px.shape, f"{stale} (size {old_px.shape} -> {new_px.shape})"
+        assert np.array_equal(new_px, old_px), f"{stale} ({(new_px != old_px).any(-1).sum()} pixels differ)"
