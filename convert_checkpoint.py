@@ -109,8 +109,9 @@ class ConversionError(Exception):
 # ----------------------------------------------------------------------------------------------------------------
 # Remote-code modules of this repo (relative imports: load them as a package rooted at this script's directory)
 # ----------------------------------------------------------------------------------------------------------------
-def _remote_code_modules():
-    """Return (configuration module, modeling module), imported the way the Hub's loader sees them."""
+def repo_code_module(module: str):
+    """One of this repo's remote-code modules (e.g. "modeling_siglip_navit"), imported the way the Hub's loader sees
+    it: as part of a package rooted at this script's directory (the files use relative imports)."""
     name = "siglip_navit"
     pkg = sys.modules.get(name)
     if pkg is not None and [str(Path(p).resolve()) for p in getattr(pkg, "__path__", [])] != [str(HERE)]:
@@ -121,9 +122,12 @@ def _remote_code_modules():
         pkg = importlib.util.module_from_spec(spec)
         pkg.__path__ = [str(HERE)]
         sys.modules[name] = pkg
-    cfg = importlib.import_module(f"{name}.configuration_siglip_navit")
-    modeling = importlib.import_module(f"{name}.modeling_siglip_navit")
-    return cfg, modeling
+    return importlib.import_module(f"{name}.{module}")
+
+
+def _remote_code_modules():
+    """Return (configuration module, modeling module)."""
+    return repo_code_module("configuration_siglip_navit"), repo_code_module("modeling_siglip_navit")
 
 
 # ----------------------------------------------------------------------------------------------------------------

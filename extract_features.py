@@ -31,8 +31,6 @@ import argparse
 import errno
 import glob
 import hashlib
-import importlib
-import importlib.util
 import io
 import json
 import logging
@@ -645,16 +643,14 @@ def _local_classes():
     """The model and processor classes of the files next to this script (no code is fetched or run from --model),
     or None when the script was copied away from them."""
     here = Path(__file__).resolve().parent
-    if not all((here / name).is_file() for name in REMOTE_CODE_FILES):
+    if not all((here / name).is_file() for name in (*REMOTE_CODE_FILES, "convert_checkpoint.py")):
         return None
-    package = "siglip_navit"  # the files use relative imports, as the Hub's loader expects: load them as a package
-    if package not in sys.modules:
-        spec = importlib.util.spec_from_loader(package, loader=None, is_package=True)
-        module = importlib.util.module_from_spec(spec)
-        module.__path__ = [str(here)]
-        sys.modules[package] = module
-    modeling = importlib.import_module(f"{package}.modeling_siglip_navit")
-    processing = importlib.import_module(f"{package}.image_processing_siglip_navit")
+    if str(here) not in sys.path:
+        sys.path.insert(0, str(here))
+    from convert_checkpoint import repo_code_module  # the one loader of the repo's code as a package
+
+    modeling = repo_code_module("modeling_siglip_navit")
+    processing = repo_code_module("image_processing_siglip_navit")
     return modeling.SiglipVisionModel, processing.SiglipNaViTImageProcessor
 
 
