@@ -931,6 +931,9 @@ def run(args: argparse.Namespace) -> dict:
         print(format_summary(summary, output), flush=True)
     if lock is not None:
         lock.close()
+    # No rank leaves before rank 0 has written the final manifest, and none tears the process group down while a
+    # peer still has a collective in flight (gloo can abort the process when a peer disappears mid-operation).
+    _barrier(world_size)
     return summary
 
 
