@@ -377,21 +377,20 @@ def _atomic_write_text(path: Path, text: str) -> None:
         tmp.unlink(missing_ok=True)
 
 
-def _read_shard_metadata(path: Path) -> Optional[dict]:
-    """The metadata of a finished shard, or None if the file is missing or unreadable."""
+def finished_shard(output: Path, plan: "Plan", k: int) -> Optional[dict]:
+    """Shard k's manifest entry if its file is on disk, readable and of this run (fingerprint); else None."""
     from safetensors import safe_open
 
+    path = output / shard_name(k, plan.num_shards)
     if not path.is_file():
         return None
     try:
         with safe_open(str(path), framework="pt") as f:
             metadata = f.metadata() or {}
-        return {
-            "fingerprint": metadata.get("fingerprint"),
-            "ids": json.loads(metadata["ids"]),
-            "skipped": json.loads(metadata["skipped"]),
-        }
-    except Exception:
+        if metadata.get("fingerprint") != plan.fingerprint:
+            return None
+        return {"file": path.name, "ids": json.loads(metadata["ids"]), "skipped": json.loads(metadata["skipped"])}
+    except Exception:  # a damaged file (e.g. after a power loss) is not finished: the shard is encoded again
         return None
 
 
@@ -451,14 +450,10 @@ class ManifestWriter:
 
     def _shard(self, k: int) -> Optional[dict]:
         if k not in self.finished:
-            meta = _read_shard_metadata(self.output / shard_name(k, self.plan.num_shards))
-            if meta is None or meta["fingerprint"] != self.plan.fingerprint:
+            entry = finished_shard(self.output, self.plan, k)
+            if entry is None:
                 return None
-            self.finished[k] = {
-                "file": shard_name(k, self.plan.num_shards),
-                "ids": meta["ids"],
-                "skipped": meta["skipped"],
-            }
+            self.finished[k] = entry  # finished shards never change
         return self.finished[k]
 
     def build(self, complete: bool = False, summary: Optional[dict] = None) -> dict:
@@ -876,8 +871,7 @@ def run(args: argparse.Namespace) -> dict:
     stats = RankStats()
     todo = []
     for k in range(rank, plan.num_shards, world_size):  # this rank's slice: shards k with k % world_size == rank
-        meta = _read_shard_metadata(output / shard_name(k, plan.num_shards))
-        if meta is not None and meta["fingerprint"] == plan.fingerprint:
+        if finished_shard(output, plan, k) is not None:
             stats.shards_resumed += 1
         else:
             todo.append(k)
