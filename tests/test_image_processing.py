@@ -29,14 +29,14 @@ VAE = dict(max_size=1024, min_size=512, stride=16, max_pixels=14 * 14 * 9 * 1024
 # ----------------------------------------------------------------------------------------------------------------
 # Independent reference: BAGEL's code, re-written here
 # ----------------------------------------------------------------------------------------------------------------
-def ref_size(width, height, max_size, min_size, stride, max_pixels, img_num=1):
-    """BAGEL's MaxLongEdgeMinShortEdgeResize size computation."""
+def ref_size(width, height, max_size, min_size, stride, max_pixels, img_num=1, rnd=round):
+    """BAGEL's MaxLongEdgeMinShortEdgeResize size computation (`rnd`: Python's round, as BAGEL)."""
 
     def make_divisible(value):
-        return max(stride, int(round(value / stride) * stride))
+        return max(stride, int(rnd(value / stride) * stride))
 
     def apply_scale(w, h, scale):
-        return make_divisible(round(w * scale)), make_divisible(round(h * scale))
+        return make_divisible(rnd(w * scale)), make_divisible(rnd(h * scale))
 
     scale = min(max_size / max(width, height), 1.0)
     scale = max(scale, min_size / min(width, height))
@@ -48,25 +48,9 @@ def ref_size(width, height, max_size, min_size, stride, max_pixels, img_num=1):
     return w, h
 
 
-def ref_size_half_up(width, height, max_size, min_size, stride, max_pixels, img_num=1):
+def ref_size_half_up(*args, **kwargs):
     """The same rule with round-half-UP: only used to prove that the sweep hits rounding ties."""
-
-    def rnd(x):
-        return math.floor(x + 0.5)
-
-    def make_divisible(value):
-        return max(stride, int(rnd(value / stride) * stride))
-
-    def apply_scale(w, h, scale):
-        return make_divisible(rnd(w * scale)), make_divisible(rnd(h * scale))
-
-    scale = max(min(max_size / max(width, height), 1.0), min_size / min(width, height))
-    w, h = apply_scale(width, height, scale)
-    if w * h > max_pixels / img_num:
-        w, h = apply_scale(w, h, max_pixels / img_num / (w * h))
-    if max(w, h) > max_size:
-        w, h = apply_scale(w, h, max_size / max(w, h))
-    return w, h
+    return ref_size(*args, **kwargs, rnd=lambda x: math.floor(x + 0.5))
 
 
 def ref_pil_img2rgb(image):
