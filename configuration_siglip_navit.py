@@ -1,7 +1,74 @@
 # Copyright 2026 The siglip-navit authors. Licensed under the Apache License, Version 2.0.
 """SigLIP-NaViT vision configuration: the SigLIP vision config plus BAGEL's `rope` flag."""
 
+from typing import Any, Mapping
+
 from transformers import SiglipVisionConfig as _HFSiglipVisionConfig
+
+
+# Every integer size field and its inclusive bounds: the ONE table `check_size_fields` enforces. The upper bounds
+# are far above any published ViT (ViT-22B: hidden 6144, MLP 24576, 48 layers, 48 heads) and only refuse absurd
+# values (a crafted config with 100,001 layers) before anything is built.
+SIZE_FIELD_BOUNDS: dict[str, tuple[int, int]] = {
+    "hidden_size": (1, 65_536),
+    "intermediate_size": (1, 262_144),
+    "num_hidden_layers": (1, 1_024),
+    "num_attention_heads": (1, 4_096),
+    "num_channels": (1, 1_024),
+    "image_size": (1, 65_536),
+    "patch_size": (1, 1_024),
+}
+# Cells per side of the position grid (image_size // patch_size; BAGEL: 70). The table has side**2 rows.
+MAX_PATCHES_PER_SIDE = 1_024
+
+
+def check_size_fields(sizes: Mapping[str, Any]) -> None:
+    """Raise a ValueError naming the field if a size in `sizes` (field -> value) is not an int within its bounds.
+
+    bool is not an int here (`True` is no layer count); neither is a float such as 768.0, nor a list or tuple
+    (transformers' stock config allows `(h, w)` image and patch sizes; this tower is square).
+    """
+    for name, (low, high) in SIZE_FIELD_BOUNDS.items():
+        value = sizes[name]
+        if not isinstance(value, int) or isinstance(value, bool):
+            raise ValueError(f"SiglipNaViTConfig: `{name}` must be an int, got {value!r} ({type(value).__name__}).")
+        if not low <= value <= high:
+            raise ValueError(f"SiglipNaViTConfig: `{name}` must be in [{low}, {high}], got {value}.")
+
+
+def check_config(config) -> None:
+    """Raise a ValueError naming the field if `config` (ours, or any object with the same fields) cannot be built.
+
+    Every size within its bounds (`SIZE_FIELD_BOUNDS`), then the relations between them: heads divide the width,
+    the patch divides the image, the position grid is not absurd, and with RoPE each head splits into two
+    rotatable halves. `SiglipNaViTConfig.__init__` and the model's constructor both call it (the second catches a
+    field changed after construction, e.g. `config.num_hidden_layers -= 1` taken one step too far).
+    """
+    check_size_fields({name: getattr(config, name, None) for name in SIZE_FIELD_BOUNDS})
+    hidden_size, heads = config.hidden_size, config.num_attention_heads
+    image_size, patch_size = config.image_size, config.patch_size
+    if hidden_size % heads != 0:
+        raise ValueError(
+            f"SiglipNaViTConfig: `hidden_size` ({hidden_size}) must be divisible by `num_attention_heads` ({heads})."
+        )
+    if image_size % patch_size != 0:
+        raise ValueError(
+            f"SiglipNaViTConfig: `image_size` ({image_size}) must be a multiple of `patch_size` ({patch_size}): "
+            "the position grid has image_size // patch_size cells per side."
+        )
+    side = image_size // patch_size
+    if side > MAX_PATCHES_PER_SIDE:
+        raise ValueError(
+            f"SiglipNaViTConfig: `image_size // patch_size` ({image_size} // {patch_size} = {side}) must be at most "
+            f"{MAX_PATCHES_PER_SIDE}: the position grid has that many cells per side, squared."
+        )
+    head_dim = hidden_size // heads
+    if getattr(config, "rope", False) and head_dim % 4 != 0:
+        raise ValueError(
+            f"SiglipNaViTConfig: rope=True needs head_dim (hidden_size / num_attention_heads = {head_dim}) "
+            "divisible by 4: each head is split into a row half and a column half, and each half is "
+            "rotated in pairs."
+        )
 
 
 class SiglipNaViTConfig(_HFSiglipVisionConfig):
@@ -46,7 +113,9 @@ class SiglipNaViTConfig(_HFSiglipVisionConfig):
         kwargs.pop("model_type", None)
         # No pooling head in this tower (transformers 5.x's stock config defaults it to True).
         kwargs.setdefault("vision_use_head", False)
-        super().__init__(
+        # Checked before the base class sees them, so that both majors raise the same ValueError (5.x's strict
+        # dataclass would raise its own type error first).
+        sizes = dict(
             hidden_size=hidden_size,
             intermediate_size=intermediate_size,
             num_hidden_layers=num_hidden_layers,
@@ -54,36 +123,17 @@ class SiglipNaViTConfig(_HFSiglipVisionConfig):
             num_channels=num_channels,
             image_size=image_size,
             patch_size=patch_size,
+        )
+        check_size_fields(sizes)
+        super().__init__(
+            **sizes,
             hidden_act=hidden_act,
             layer_norm_eps=layer_norm_eps,
             attention_dropout=attention_dropout,
             **kwargs,
         )
         self.rope = rope
-        self._check_geometry()
-
-    def _check_geometry(self) -> None:
-        for name in ("hidden_size", "num_attention_heads", "image_size", "patch_size", "num_channels"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-                raise ValueError(f"SiglipNaViTConfig: `{name}` must be a positive int, got {value!r}.")
-        if self.hidden_size % self.num_attention_heads != 0:
-            raise ValueError(
-                f"SiglipNaViTConfig: `hidden_size` ({self.hidden_size}) must be divisible by "
-                f"`num_attention_heads` ({self.num_attention_heads})."
-            )
-        if self.image_size % self.patch_size != 0:
-            raise ValueError(
-                f"SiglipNaViTConfig: `image_size` ({self.image_size}) must be a multiple of `patch_size` "
-                f"({self.patch_size}): the position grid has image_size // patch_size cells per side."
-            )
-        head_dim = self.hidden_size // self.num_attention_heads
-        if self.rope and head_dim % 4 != 0:
-            raise ValueError(
-                f"SiglipNaViTConfig: rope=True needs head_dim (hidden_size / num_attention_heads = {head_dim}) "
-                "divisible by 4: each head is split into a row half and a column half, and each half is "
-                "rotated in pairs."
-            )
+        check_config(self)
 
     @property
     def num_patches_per_side(self) -> int:
@@ -96,4 +146,4 @@ SiglipVisionConfig = SiglipNaViTConfig
 
 SiglipNaViTConfig.register_for_auto_class()
 
-__all__ = ["SiglipNaViTConfig", "SiglipVisionConfig"]
+__all__ = ["SiglipNaViTConfig", "SiglipVisionConfig", "SIZE_FIELD_BOUNDS", "check_config", "check_size_fields"]

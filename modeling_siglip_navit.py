@@ -17,7 +17,7 @@ from transformers.activations import ACT2FN
 from transformers.modeling_outputs import BaseModelOutput
 from transformers.modeling_utils import PreTrainedModel
 
-from .configuration_siglip_navit import SiglipNaViTConfig
+from .configuration_siglip_navit import SiglipNaViTConfig, check_config
 
 # Optional kernels: imported inside `try` so that remote-code loading never requires them.
 try:
@@ -51,13 +51,18 @@ def linear_weight_to_conv2d(weight: torch.Tensor, num_channels: int, patch_size:
     return weight.reshape(hidden, patch_size, patch_size, num_channels).permute(0, 3, 1, 2).contiguous()
 
 
+_ROPE_TABLES = ("cos_h", "sin_h", "cos_w", "sin_w")
+
+
 class RotaryEmbedding2D(nn.Module):
     """2D RoPE tables: one angle table for rows and one for columns of a (max_h x max_w) grid.
 
     `cos_h[p]` / `sin_h[p]` hold the row angles of grid cell p (row-major, p = row * max_w + col), `cos_w`
     / `sin_w` its column angles; each is `(max_h * max_w, dim)` with the usual `cat(freqs, freqs)` layout.
     The tables are non-persistent buffers (never in a checkpoint) and are recomputed by `_init_weights`,
-    because transformers 5.x leaves non-persistent buffers uninitialised after a meta-device load.
+    because transformers 5.x leaves non-persistent buffers uninitialised after a meta-device load. They stay
+    float32 whatever the model's dtype (`model.to(torch.bfloat16)` moves them but does not cast them): the
+    rotation runs in float32, as upstream's does.
     """
 
     def __init__(self, dim: int, max_h: int, max_w: int, base: float = 10000.0):
@@ -87,11 +92,25 @@ class RotaryEmbedding2D(nn.Module):
 
     @torch.no_grad()
     def reset_tables(self) -> None:
-        """Recompute the tables in place (on their current device and dtype)."""
+        """Recompute the tables (in float32, on their current device)."""
         if self.cos_h.device.type == "meta":
             return
-        for name, table in zip(("cos_h", "sin_h", "cos_w", "sin_w"), self._compute_tables(self.cos_h.device)):
-            getattr(self, name).copy_(table)
+        for name, table in zip(_ROPE_TABLES, self._compute_tables(self.cos_h.device)):
+            if getattr(self, name).dtype == torch.float32:
+                getattr(self, name).copy_(table)
+            else:
+                self._buffers[name] = table
+
+    def _apply(self, fn, recurse: bool = True):
+        # `module.to(dtype)` / `.half()` / `.bfloat16()` cast every floating buffer: keep the float32 tables
+        # (moved to the new device) instead, so half-precision models still rotate with exact angles.
+        before = {name: self._buffers[name] for name in _ROPE_TABLES}
+        super()._apply(fn, recurse)
+        for name, table in before.items():
+            after = self._buffers[name]
+            if after.dtype != torch.float32 and table.dtype == torch.float32:
+                self._buffers[name] = table.to(device=after.device)
+        return self
 
     def forward(self, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """Gather `(cos_h, sin_h, cos_w, sin_w)`, each `(total_patches, dim)`, for flattened grid positions."""
@@ -108,12 +127,18 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
 def apply_rotary_pos_emb(
     q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Rotate packed `q`, `k` of shape `(total, heads, ...)` by per-token `cos`, `sin` of shape `(total, ...)`."""
-    cos = cos.unsqueeze(1)  # broadcast over heads
-    sin = sin.unsqueeze(1)
-    q_embed = (q * cos) + (rotate_half(q) * sin)
-    k_embed = (k * cos) + (rotate_half(k) * sin)
-    return q_embed, k_embed
+    """Rotate packed `q`, `k` of shape `(total, heads, ...)` by per-token `cos`, `sin` of shape `(total, ...)`.
+
+    The rotation runs in float32 (or wider, if q is wider) and each result is cast back to its input's dtype, as
+    upstream BAGEL (bf16 q/k promoted by fp32 tables) and transformers' Qwen2-VL vision tower do.
+    """
+    compute_dtype = torch.promote_types(q.dtype, torch.float32)
+    cos = cos.unsqueeze(1).to(compute_dtype)  # broadcast over heads; no-ops for fp32 tables and activations
+    sin = sin.unsqueeze(1).to(compute_dtype)
+    q_float, k_float = q.to(compute_dtype), k.to(compute_dtype)
+    q_embed = (q_float * cos) + (rotate_half(q_float) * sin)
+    k_embed = (k_float * cos) + (rotate_half(k_float) * sin)
+    return q_embed.to(q.dtype), k_embed.to(k.dtype)
 
 
 @dataclass
@@ -222,6 +247,20 @@ def packed_attention(
     return output
 
 
+# Index tensors may have any of these dtypes (widened to int64 once per forward). Not bool, floating point,
+# complex, quantised or the sub-byte int1..int7 types (torch cannot even copy those).
+_INDEX_DTYPES = frozenset(
+    getattr(torch, name)
+    for name in ("uint8", "int8", "int16", "int32", "int64", "uint16", "uint32", "uint64")
+    if hasattr(torch, name)  # uint16/32/64 exist from torch 2.3
+)
+
+
+def _is_integer_dtype(dtype: torch.dtype) -> bool:
+    """A whole-byte integer dtype, signed or unsigned."""
+    return dtype in _INDEX_DTYPES
+
+
 def prepare_packed_sequences(
     config: SiglipNaViTConfig,
     packed_pixel_values: torch.Tensor,
@@ -270,13 +309,15 @@ def prepare_packed_sequences(
     kernel = select_attention_kernel(config._attn_implementation, x.device, model_weight.dtype, dropout)
 
     def _index_tensor(name: str, value, ndim: int) -> torch.Tensor:
+        # Any integer dtype is accepted and widened to int64 here, once per forward: torch indexes only with
+        # int64/int32 (uint8 would even act as a boolean mask), and no id of a valid pack needs more than 63 bits.
         if not isinstance(value, torch.Tensor):
             raise TypeError(f"`{name}` must be a torch.Tensor of integers, got {type(value).__name__}.")
-        if value.dim() != ndim or value.dtype.is_floating_point or value.dtype.is_complex or value.dtype == torch.bool:
+        if value.dim() != ndim or not _is_integer_dtype(value.dtype):
             raise TypeError(
                 f"`{name}` must be a {ndim}-D integer tensor, got a {value.dim()}-D tensor of dtype {value.dtype}."
             )
-        return value.to(x.device)
+        return value.to(device=x.device, dtype=torch.int64)
 
     position_ids = _index_tensor("packed_flattened_position_ids", packed_flattened_position_ids, 1)
     if position_ids.shape[0] != total:
@@ -289,7 +330,7 @@ def prepare_packed_sequences(
         raise ValueError(f"`cu_seqlens` must be [0, n1, n1+n2, ...] with at least 2 entries, got {cu.tolist()}.")
     num_images = cu.shape[0] - 1
     if isinstance(max_seqlen, torch.Tensor):
-        if max_seqlen.numel() != 1 or max_seqlen.dtype.is_floating_point or max_seqlen.dtype == torch.bool:
+        if max_seqlen.numel() != 1 or not _is_integer_dtype(max_seqlen.dtype):
             raise TypeError(
                 f"`max_seqlen` must be an int or a 0-d integer tensor, got a tensor of shape "
                 f"{tuple(max_seqlen.shape)} and dtype {max_seqlen.dtype}."
@@ -310,13 +351,13 @@ def prepare_packed_sequences(
         return PackedSequences(cu.to(torch.int32), max_len, None, kernel), position_ids
 
     # --- value checks: one device->host transfer of every index we need ---------------------------------
-    parts = [cu.to(torch.int64)]
+    parts = [cu]
     if validate_inputs:
-        parts.append(torch.stack(torch.aminmax(position_ids)).to(torch.int64))
+        parts.append(torch.stack(torch.aminmax(position_ids)))
         if isinstance(max_seqlen, torch.Tensor):
             parts.append(max_seqlen.reshape(1).to(device=x.device, dtype=torch.int64))
         if image_grid_hw is not None:
-            parts.append(image_grid_hw.reshape(-1).to(torch.int64))
+            parts.append(image_grid_hw.reshape(-1))
     host = torch.cat(parts).tolist()
     bounds_list, host = host[: num_images + 1], host[num_images + 1 :]
     lengths = [end - start for start, end in zip(bounds_list[:-1], bounds_list[1:])]
@@ -581,6 +622,7 @@ class SiglipVisionTransformer(nn.Module):
 
     def __init__(self, config: SiglipNaViTConfig):
         super().__init__()
+        check_config(config)  # again: a field may have changed since the config was built
         self.config = config
         self.embeddings = SiglipVisionEmbeddings(config)
         if config.rope:
@@ -605,14 +647,16 @@ class SiglipVisionTransformer(nn.Module):
         packed_pixel_values (`torch.Tensor` of shape `(total_patches, num_channels * patch_size**2)`):
             Every image's patches, concatenated image after image; each patch flattened (row, col, channel),
             channel fastest. Cast to the model's dtype; must be on the model's device.
-        packed_flattened_position_ids (`torch.LongTensor` of shape `(total_patches,)`):
+        packed_flattened_position_ids (integer tensor of shape `(total_patches,)`):
             Grid cell of each patch, `row * (image_size // patch_size) + col`.
-        cu_seqlens (`torch.IntTensor` of shape `(num_images + 1,)`):
+        cu_seqlens (integer tensor of shape `(num_images + 1,)`):
             `[0, n1, n1 + n2, ...]`: where each image starts in the pack.
         max_seqlen (`int` or 0-d integer tensor):
             Patches in the longest image (an upper bound is accepted).
-        image_grid_hw (`torch.LongTensor` of shape `(num_images, 2)`, *optional*):
+        image_grid_hw (integer tensor of shape `(num_images, 2)`, *optional*):
             Patch rows and columns of each image; only used to validate the pack.
+            Index tensors may have any integer dtype (int8 ... int64, uint8 ... uint64): they are widened to int64
+            once per forward. bool, floating-point and complex tensors are a TypeError naming the argument.
         output_hidden_states (`bool`): also return the packed input of every layer and the last layer's
             output (before post-layernorm).
         return_dict (`bool`): return a `BaseModelOutput` instead of the bare `last_hidden_state`.
@@ -635,8 +679,9 @@ class SiglipVisionTransformer(nn.Module):
         position_embeddings = None
         if self.config.rope:
             # gathered once per forward for all layers: (total, 2, head_dim / 2) = (row angles, column angles)
+            # in float32 (or the activations' dtype if wider): the rotation is done at that precision
             cos_h, sin_h, cos_w, sin_w = self.rope(position_ids)
-            dtype = hidden_states.dtype
+            dtype = torch.promote_types(hidden_states.dtype, torch.float32)
             cos = torch.stack([cos_h, cos_w], dim=1).to(dtype)
             sin = torch.stack([sin_h, sin_w], dim=1).to(dtype)
             position_embeddings = (cos, sin)

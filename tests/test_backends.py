@@ -157,3 +157,29 @@ def test_torch_varlen_call_contract(monkeypatch):
     loop = model_mod.PackedSequences(cu, 36, [(0, 36, 1), (36, 10, 1), (46, 1, 1)], "sdpa")
     torch.testing.assert_close(out, model_mod.packed_attention(q, k, v, loop, scale=8**-0.5))
     assert calls == [(cu, cu, 36, 36, {})]
+
+
+@pytest.mark.parametrize("validate_inputs", [True, False])
+@pytest.mark.parametrize("dtype", [torch.uint8, torch.int8, torch.int16, torch.int64], ids=str)
+def test_flash_path_takes_any_integer_index_dtype(monkeypatch, dtype, validate_inputs):
+    """The kernels that skip the host bounds still get int32 cu_seqlens and int64 (gatherable) position ids."""
+    config = tiny_config(rope=True)
+    model = make_model(config, attn="eager")
+    pack = make_pack(GRIDS, config)
+    seen = []
+
+    def fake_flash_attn_varlen_func(q, k, v, *, cu_seqlens_q, max_seqlen_q, softmax_scale, **kwargs):
+        seen.append((cu_seqlens_q.dtype, max_seqlen_q))
+        return segment_reference(q, k, v, cu_seqlens_q, softmax_scale).to(q.dtype)
+
+    monkeypatch.setattr(model_mod, "flash_attn_varlen_func", fake_flash_attn_varlen_func)
+    monkeypatch.setattr(model_mod, "_flash_attn_available", lambda device: True)
+    model.config._attn_implementation = "flash_attention_2"
+    narrow = dict(pack, cu_seqlens=pack["cu_seqlens"].to(dtype), image_grid_hw=pack["image_grid_hw"].to(dtype),
+                  packed_flattened_position_ids=pack["packed_flattened_position_ids"].to(dtype),
+                  max_seqlen=torch.tensor(36, dtype=dtype))  # fmt: skip
+    with torch.no_grad():
+        base = model(**pack).last_hidden_state
+        got = model(**narrow, validate_inputs=validate_inputs).last_hidden_state
+    assert torch.equal(got, base)
+    assert seen[-1] == (torch.int32, 36)

@@ -111,6 +111,78 @@ def test_valid_variants_are_accepted(attn, pack):
         assert torch.equal(unchecked, base)
 
 
+# every whole-byte integer dtype torch has (uint16/32/64 from torch 2.3): each is widened to int64 once per forward
+INDEX_DTYPES = [torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64] + [
+    getattr(torch, name) for name in ("uint16", "uint32", "uint64") if hasattr(torch, name)
+]
+
+
+def with_index_dtype(pack, dtype):
+    return with_(pack, packed_flattened_position_ids=pack["packed_flattened_position_ids"].to(dtype),
+                 cu_seqlens=pack["cu_seqlens"].to(dtype), image_grid_hw=pack["image_grid_hw"].to(dtype),
+                 max_seqlen=torch.tensor(36, dtype=dtype))  # fmt: skip
+
+
+@pytest.mark.parametrize("dtype", INDEX_DTYPES, ids=str)
+@pytest.mark.parametrize("rope", [False, True])
+@pytest.mark.parametrize("attn", ["eager", "sdpa"])
+def test_every_integer_index_dtype_gives_the_int64_result(attn, rope, dtype):
+    """uint8 ids were a boolean mask under rope, int8/int16 a raw torch error: now all equal the int64 result."""
+    config = tiny_config(rope=rope)
+    model = make_model(config, attn=attn)
+    pack = make_pack(GRIDS, config)
+    with torch.no_grad():
+        base = model(**pack).last_hidden_state
+        for validate in (True, False):
+            out = model(**with_index_dtype(pack, dtype), validate_inputs=validate).last_hidden_state
+            assert torch.equal(out, base), (dtype, validate)
+
+
+@pytest.mark.parametrize("dtype", [torch.int8, torch.int16, torch.uint8], ids=str)
+def test_narrow_position_ids_out_of_range_are_still_a_value_error(model, pack, dtype):
+    ids = pack["packed_flattened_position_ids"].clone()
+    ids[5] = 36 if dtype != torch.int8 else 100  # one past the 6x6 grid
+    with pytest.raises(ValueError, match=r"`packed_flattened_position_ids` must lie in \[0, 36\)"):
+        model(**with_(pack, packed_flattened_position_ids=ids.to(dtype)))
+    if dtype != torch.uint8:
+        ids[5] = -1
+        with pytest.raises(ValueError, match=r"must lie in \[0, 36\).*got values in \[-1, "):
+            model(**with_(pack, packed_flattened_position_ids=ids.to(dtype)))
+
+
+@pytest.mark.skipif(not hasattr(torch, "uint64"), reason="torch.uint64 needs torch >= 2.3")
+def test_uint64_ids_beyond_int64_are_rejected_not_wrapped(model, pack):
+    ids = pack["packed_flattened_position_ids"].to(torch.uint64)
+    ids[3] = torch.tensor(2**64 - 1, dtype=torch.uint64)  # -1 once widened to int64: caught by the range check
+    with pytest.raises(ValueError, match=r"`packed_flattened_position_ids` must lie in \[0, 36\)"):
+        model(**with_(pack, packed_flattened_position_ids=ids))
+
+
+NON_INTEGER_DTYPES = [torch.bool, torch.float16, torch.bfloat16, torch.float32, torch.float64, torch.complex64]
+INDEX_ARGUMENTS = {
+    # argument: (error message when its dtype is not an integer one)
+    "packed_flattened_position_ids": r"`packed_flattened_position_ids` must be a 1-D integer tensor",
+    "cu_seqlens": r"`cu_seqlens` must be a 1-D integer tensor",
+    "image_grid_hw": r"`image_grid_hw` must be a 2-D integer tensor",
+    "max_seqlen": r"`max_seqlen` must be an int or a 0-d integer tensor",
+}
+
+
+@pytest.mark.parametrize("dtype", NON_INTEGER_DTYPES, ids=str)
+@pytest.mark.parametrize("argument", list(INDEX_ARGUMENTS))
+def test_bool_float_and_complex_indices_are_a_type_error_naming_the_argument(model, pack, argument, dtype):
+    value = pack[argument] if argument != "max_seqlen" else torch.tensor(36)
+    with pytest.raises(TypeError, match=INDEX_ARGUMENTS[argument] + r".*dtype " + str(dtype).replace(".", r"\.")):
+        model(**with_(pack, **{argument: value.to(dtype)}))
+
+
+@pytest.mark.skipif(not hasattr(torch, "int4"), reason="sub-byte dtypes need torch >= 2.3")
+def test_sub_byte_position_ids_are_a_type_error(model, pack):
+    ids = torch.empty(47, dtype=torch.int4)  # torch cannot even copy these: refused before any use
+    with pytest.raises(TypeError, match=r"`packed_flattened_position_ids` must be a 1-D integer tensor.*int4"):
+        model(**with_(pack, packed_flattened_position_ids=ids))
+
+
 def test_numpy_positions_are_rejected(model, pack):
     with pytest.raises(TypeError, match=r"`packed_flattened_position_ids` must be a torch.Tensor of integers"):
         model(**with_(pack, packed_flattened_position_ids=np.arange(47)))
