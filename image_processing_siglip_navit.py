@@ -5,7 +5,8 @@ This file is the ONE place that owns the image <-> pack geometry:
 
 - `bagel_resize_size`: BAGEL's ViT size rule (`MaxLongEdgeMinShortEdgeResize`), with Python rounding.
 - `to_rgb_pil`: any supported input -> an RGB PIL image (BAGEL's `pil_img2rgb` rule, word for word).
-- `patchify` / `unpatchify`: `(C, H, W) <-> (h * w, P * P * C)`, patches row-major, channel fastest.
+- `patchify_hwc` / `unpatchify_hwc` (and `patchify` / `unpatchify` for `(C, H, W)`): the patch layout, both ways,
+  patches row-major, channel fastest; `pack_to_uint8_images` recovers the resized images from a pack.
 - `position_ids_extrapolate` / `position_ids_interpolate`: BAGEL's two position-id schemes.
 - `build_cu_seqlens`, `unpack_features`: the pack's boundaries, and splitting packed features per image.
 
@@ -13,6 +14,8 @@ This file is the ONE place that owns the image <-> pack geometry:
 `packed_pixel_values`, `packed_flattened_position_ids`, `cu_seqlens`, `max_seqlen`, `image_grid_hw`.
 """
 
+import struct
+import zlib
 from numbers import Integral
 from typing import Any, Optional, Sequence, Union
 
@@ -31,11 +34,18 @@ _BICUBIC = PIL.Image.Resampling.BICUBIC if hasattr(PIL.Image, "Resampling") else
 
 POSITION_ID_MODES = ("extrapolate", "interpolate")
 
+# BAGEL's ViT transform (`ImageTransform(980, 224, 14)`) for its 980 px / 14 px tower: THE one place these
+# defaults are written (the processor's arguments, the size rule's defaults and the converter's template use them).
+BAGEL_VIT_MAX_IMAGE_SIZE = 980
+BAGEL_VIT_MIN_IMAGE_SIZE = 224
+BAGEL_VIT_IMAGE_STRIDE = 14
+BAGEL_MAX_PIXELS = 14 * 14 * 9 * 1024  # ImageTransform's default max_pixels (= 1_806_336), both transforms
+BAGEL_MAX_NUM_PATCHES_PER_SIDE = BAGEL_VIT_MAX_IMAGE_SIZE // BAGEL_VIT_IMAGE_STRIDE  # 70
 # BAGEL's VAE-side transform (`ImageTransform(1024, 512, 16)`), applied first on its interleaved inference path.
 BAGEL_VAE_MAX_IMAGE_SIZE = 1024
 BAGEL_VAE_MIN_IMAGE_SIZE = 512
 BAGEL_VAE_IMAGE_STRIDE = 16
-BAGEL_VAE_MAX_PIXELS = 14 * 14 * 9 * 1024  # ImageTransform's default max_pixels (= 1_806_336)
+BAGEL_VAE_MAX_PIXELS = BAGEL_MAX_PIXELS
 
 # 16- and 32-bit integer PIL modes: PIL's convert("RGB") would CLIP them (1000 -> 255); they are scaled instead.
 _HIGH_BIT_INT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
@@ -57,10 +67,10 @@ def bagel_apply_scale(width: int, height: int, scale: float, stride: int) -> tup
 def bagel_resize_size(
     width: int,
     height: int,
-    max_image_size: int = 980,
-    min_image_size: int = 224,
-    image_stride: int = 14,
-    max_pixels: int = 1_806_336,
+    max_image_size: int = BAGEL_VIT_MAX_IMAGE_SIZE,
+    min_image_size: int = BAGEL_VIT_MIN_IMAGE_SIZE,
+    image_stride: int = BAGEL_VIT_IMAGE_STRIDE,
+    max_pixels: int = BAGEL_MAX_PIXELS,
     img_num: int = 1,
 ) -> tuple[int, int]:
     """The `(width, height)` BAGEL's ViT transform resizes a `width x height` image to.
@@ -104,6 +114,26 @@ def resize_bicubic(image: PIL.Image.Image, width: int, height: int) -> PIL.Image
 # --------------------------------------------------------------------------------------------------------------
 def _bad(index: int, message: str, exc: type = ValueError) -> Exception:
     return exc(f"image {index}: {message}")
+
+
+# What reading / converting one image can raise (PIL's decoders raise most of these for corrupt files).
+_IMAGE_ERRORS = (
+    OSError, ValueError, TypeError, RuntimeError, SyntaxError, EOFError, struct.error, zlib.error,
+    PIL.Image.DecompressionBombError,
+)  # fmt: skip
+
+
+def _with_index(err: Exception, index: int) -> Exception:
+    """`err` with "image {index}: " in front of its message, of the same type where it can be rebuilt (OSErrors keep
+    their errno, so callers can still tell a failing disk from a bad file); else a ValueError."""
+    if str(err).startswith(f"image {index}:"):
+        return err
+    if isinstance(err, OSError) and err.errno is not None:
+        return type(err)(err.errno, f"image {index}: {err.strerror}", err.filename)
+    try:
+        return type(err)(f"image {index}: {err}")
+    except Exception:  # noqa: BLE001 - an exception type that needs other constructor arguments
+        return ValueError(f"image {index}: {type(err).__name__}: {err}")
 
 
 def _high_bit_to_8bit(image: PIL.Image.Image, index: int) -> PIL.Image.Image:
@@ -154,6 +184,8 @@ def _array_to_pil(values: np.ndarray, index: int, what: str) -> PIL.Image.Image:
     if values.shape[0] == 0 or values.shape[1] == 0:
         raise _bad(index, f"{what} is empty (shape {tuple(values.shape)}).")
 
+    if values.dtype.byteorder not in ("=", "|"):  # big-endian data (e.g. from a file): native order first
+        values = values.astype(values.dtype.newbyteorder("="))
     if values.dtype == np.bool_:
         raise _bad(index, f"{what} has dtype bool; pass uint8 (0..255) or float (0..1) pixels.", TypeError)
     if np.issubdtype(values.dtype, np.floating):
@@ -191,6 +223,8 @@ def to_pil(image: Any, index: int = 0) -> PIL.Image.Image:
             raise _bad(index, f"the PIL image is empty ({image.width}x{image.height}).")
         return image
     if isinstance(image, torch.Tensor):
+        if image.is_meta:
+            raise _bad(index, "is a tensor on the meta device: it has a shape but no pixel values.")
         tensor = image.detach().cpu()
         if tensor.dim() == 3:
             if tensor.shape[0] not in (1, 2, 3, 4):
@@ -286,35 +320,62 @@ def normalize_uint8(pixels: Union[np.ndarray, torch.Tensor]) -> torch.Tensor:
     return torch.from_numpy(np.take(_NORMALIZE_LUT, pixels))
 
 
-def patchify(image: torch.Tensor, patch_size: int) -> torch.Tensor:
-    """`(C, H, W) -> (H/P * W/P, P * P * C)`: patches row-major over the grid; inside a patch (row, col, channel),
-    channel fastest (BAGEL's `patchify`; matches the model's Linear patch embedding)."""
+def denormalize_to_uint8(values: torch.Tensor) -> torch.Tensor:
+    """Exact inverse of `normalize_uint8` for its float32 output: `round((x + 1) / 2 * 255)` as uint8."""
+    return ((values.to(torch.float32) + 1.0) * 127.5).round().clamp(0, 255).to(torch.uint8)
+
+
+# The patch layout, in ONE place (both directions): patches row-major over the grid; inside a patch (row, col,
+# channel), channel fastest -- BAGEL's `patchify`, and the layout of the model's Linear patch embedding.
+def patchify_hwc(pixels: Union[np.ndarray, torch.Tensor], patch_size: int) -> Union[np.ndarray, torch.Tensor]:
+    """`(H, W, C) -> (H/P * W/P, P * P * C)` for a numpy array or torch tensor of any dtype."""
     p = patch_size
-    c, h, w = image.shape
+    h, w, c = pixels.shape
     if h % p or w % p:
         raise ValueError(f"patchify: image size {h}x{w} (HxW) is not divisible by the patch size {p}")
-    image = image.reshape(c, h // p, p, w // p, p)
-    image = torch.einsum("chpwq->hwpqc", image)
-    return image.reshape(-1, p * p * c)
+    grid = pixels.reshape(h // p, p, w // p, p, c)
+    grid = grid.transpose(0, 2, 1, 3, 4) if isinstance(grid, np.ndarray) else grid.permute(0, 2, 1, 3, 4)
+    return grid.reshape(-1, p * p * c)
 
 
-def unpatchify(patches: torch.Tensor, grid_h: int, grid_w: int, patch_size: int, num_channels: int = 3) -> torch.Tensor:
-    """Exact inverse of `patchify`: `(grid_h * grid_w, P * P * C)` (or `(grid_h, grid_w, P * P * C)`) -> `(C, H, W)`."""
+def unpatchify_hwc(
+    patches: torch.Tensor, grid_h: int, grid_w: int, patch_size: int, num_channels: int = 3
+) -> torch.Tensor:
+    """Exact inverse of `patchify_hwc`: `(grid_h * grid_w, P * P * C)` (or `(grid_h, grid_w, P * P * C)`) ->
+    `(H, W, C)`."""
     p, c = patch_size, num_channels
     if patches.numel() != grid_h * grid_w * p * p * c:
         raise ValueError(
             f"unpatchify: {tuple(patches.shape)} does not hold a {grid_h}x{grid_w} grid of {p}x{p}x{c} patches"
         )
-    image = patches.reshape(grid_h, grid_w, p, p, c)
-    return torch.einsum("hwpqc->chpwq", image).reshape(c, grid_h * p, grid_w * p)
+    return patches.reshape(grid_h, grid_w, p, p, c).permute(0, 2, 1, 3, 4).reshape(grid_h * p, grid_w * p, c)
 
 
-def _patchify_hwc(pixels: np.ndarray, patch_size: int) -> np.ndarray:
-    """`patchify` for an (H, W, C) numpy array (any dtype): the same patch layout, without a CHW detour."""
-    p = patch_size
-    h, w, c = pixels.shape
-    grid = pixels.reshape(h // p, p, w // p, p, c).transpose(0, 2, 1, 3, 4)
-    return grid.reshape(-1, p * p * c)
+def patchify(image: torch.Tensor, patch_size: int) -> torch.Tensor:
+    """`(C, H, W) -> (H/P * W/P, P * P * C)` (`patchify_hwc` of the channels-last view)."""
+    return patchify_hwc(image.permute(1, 2, 0), patch_size)
+
+
+def unpatchify(patches: torch.Tensor, grid_h: int, grid_w: int, patch_size: int, num_channels: int = 3) -> torch.Tensor:
+    """Exact inverse of `patchify`: `(grid_h * grid_w, P * P * C)` (or `(grid_h, grid_w, P * P * C)`) -> `(C, H, W)`."""
+    return unpatchify_hwc(patches, grid_h, grid_w, patch_size, num_channels).permute(2, 0, 1)
+
+
+def pack_to_uint8_images(
+    packed_pixel_values: torch.Tensor, grid_hw: Sequence[tuple[int, int]], patch_size: int, num_channels: int = 3
+) -> list[torch.Tensor]:
+    """The processor's resized uint8 images, recovered exactly from its packed float32 pixels: one `(H, W, C)`
+    uint8 tensor per `(rows, cols)` grid."""
+    lengths = [h * w for h, w in grid_hw]
+    if sum(lengths) != packed_pixel_values.shape[0]:
+        raise ValueError(
+            f"the pack holds {packed_pixel_values.shape[0]} patches but the grids describe {sum(lengths)} "
+            f"({list(grid_hw)})"
+        )
+    u8 = denormalize_to_uint8(packed_pixel_values)
+    return [
+        unpatchify_hwc(chunk, h, w, patch_size, num_channels) for chunk, (h, w) in zip(torch.split(u8, lengths), grid_hw)
+    ]
 
 
 def position_ids_extrapolate(grid_h: int, grid_w: int, max_num_patches_per_side: int) -> torch.Tensor:
@@ -426,6 +487,17 @@ _SETTINGS = (
     "do_resize",
 )
 _INT_SETTINGS = _SETTINGS[:7]
+# Upper bounds that keep one image's tensors to a sane size (BAGEL: 980 px, a 70 x 70 table): larger settings are
+# refused when the processor is built, not found out by a multi-GB allocation at the first call.
+MAX_IMAGE_SIDE = 8192  # pixels: `max_image_size`, `min_image_size`, `patch_size`
+MAX_GRID_SIDE = 1024  # patches per side: `max_num_patches_per_side`, and any image's grid
+_SETTING_LIMITS = {
+    "max_image_size": MAX_IMAGE_SIDE,
+    "min_image_size": MAX_IMAGE_SIDE,
+    "patch_size": MAX_IMAGE_SIDE,
+    "image_stride": MAX_IMAGE_SIDE,
+    "max_num_patches_per_side": MAX_GRID_SIDE,
+}
 
 
 class SiglipNaViTImageProcessor(BaseImageProcessor):
@@ -476,13 +548,13 @@ class SiglipNaViTImageProcessor(BaseImageProcessor):
 
     def __init__(
         self,
-        max_image_size: int = 980,
-        min_image_size: int = 224,
-        image_stride: int = 14,
-        max_pixels: int = 1_806_336,
+        max_image_size: int = BAGEL_VIT_MAX_IMAGE_SIZE,
+        min_image_size: int = BAGEL_VIT_MIN_IMAGE_SIZE,
+        image_stride: int = BAGEL_VIT_IMAGE_STRIDE,
+        max_pixels: int = BAGEL_MAX_PIXELS,
         img_num: int = 1,
-        patch_size: int = 14,
-        max_num_patches_per_side: int = 70,
+        patch_size: int = BAGEL_VIT_IMAGE_STRIDE,
+        max_num_patches_per_side: int = BAGEL_MAX_NUM_PATCHES_PER_SIDE,
         position_id_mode: str = "extrapolate",
         bagel_interleaved_resize: bool = False,
         do_resize: bool = True,
@@ -519,6 +591,11 @@ class SiglipNaViTImageProcessor(BaseImageProcessor):
             value = s[name]
             if not isinstance(value, Integral) or isinstance(value, bool) or value <= 0:
                 raise ValueError(f"SiglipNaViTImageProcessor: `{name}` must be a positive integer, got {value!r}.")
+            if name in _SETTING_LIMITS and value > _SETTING_LIMITS[name]:
+                raise ValueError(
+                    f"SiglipNaViTImageProcessor: `{name}` = {value} is more than the supported {_SETTING_LIMITS[name]} "
+                    "(BAGEL's tower: 980 px images, 14 px patches, a 70 x 70 position table)."
+                )
             s[name] = int(value)
         for name in ("bagel_interleaved_resize", "do_resize"):
             if not isinstance(s[name], (bool, np.bool_)):
@@ -535,8 +612,13 @@ class SiglipNaViTImageProcessor(BaseImageProcessor):
                 f"({s['patch_size']}): the resize rule snaps both sides to multiples of the stride, and the model "
                 "cuts them into patch_size patches."
             )
+        longest = bagel_fit(s["max_image_size"], s["image_stride"]) // s["patch_size"]
+        if s["do_resize"] and longest > MAX_GRID_SIDE:
+            raise ValueError(
+                f"SiglipNaViTImageProcessor: `max_image_size` {s['max_image_size']} with `patch_size` "
+                f"{s['patch_size']} gives up to {longest} patches per side, more than the supported {MAX_GRID_SIDE}."
+            )
         if s["position_id_mode"] == "extrapolate" and s["do_resize"]:
-            longest = bagel_fit(s["max_image_size"], s["image_stride"]) // s["patch_size"]
             if longest > s["max_num_patches_per_side"]:
                 raise ValueError(
                     f"SiglipNaViTImageProcessor: `max_image_size` {s['max_image_size']} gives up to {longest} "
@@ -554,6 +636,34 @@ class SiglipNaViTImageProcessor(BaseImageProcessor):
         processor = result[0] if isinstance(result, tuple) else result
         processor._resolve_settings({})
         return result
+
+    @classmethod
+    def settings_for_model(cls, config: Any, template: Optional[dict] = None) -> dict[str, Any]:
+        """The settings (a `preprocessor_config.json` dict, no `auto_map`) that fit a model `config`: `template`'s
+        (default: BAGEL's ViT transform, this class's defaults) with the model's geometry filled in.
+
+        patch_size / image_stride / max_num_patches_per_side / max_image_size always follow the model. The size
+        budget (min_image_size = min(224, image_size), max_pixels = min(1_806_336, image_size**2)) is recomputed only
+        when the template was written for another geometry: for BAGEL's own 980 px / 14 px tower the template's BAGEL
+        values stay (BAGEL divides max_pixels = 1_806_336 by img_num, so lowering it would change results for
+        img_num > 1).
+        """
+        defaults = cls().to_dict()
+        d = dict(template) if template is not None else {k: defaults[k] for k in _SETTINGS}
+        # no "image_processor_type": auto_map alone selects the class, and with that key transformers 4.49 warns
+        # about a "slow" image processor on every load
+        for bookkeeping in ("image_processor_type", "auto_map"):
+            d.pop(bookkeeping, None)
+        image_size, patch_size = int(config.image_size), int(config.patch_size)
+        same_geometry = (d.get("max_image_size"), d.get("patch_size")) == (image_size, patch_size)
+        if not same_geometry or "min_image_size" not in d or "max_pixels" not in d:
+            d["min_image_size"] = min(defaults["min_image_size"], image_size)
+            d["max_pixels"] = min(defaults["max_pixels"], image_size**2)
+        d["patch_size"] = patch_size
+        d["image_stride"] = patch_size
+        d["max_num_patches_per_side"] = image_size // patch_size
+        d["max_image_size"] = image_size
+        return d
 
     def to_dict(self) -> dict[str, Any]:
         """The saved settings. `image_processor_type` is left out on purpose: `auto_map` alone selects this class,
@@ -666,9 +776,15 @@ class SiglipNaViTImageProcessor(BaseImageProcessor):
         p = s["patch_size"]
         patches, grids = [], []
         for index, image in enumerate(image_list):
-            pixels = self._image_to_uint8(image, index, s)
+            try:  # every failure names its image (e.g. PIL's "image file is truncated", a closed image)
+                pixels = self._image_to_uint8(image, index, s)
+            except _IMAGE_ERRORS as err:
+                named = _with_index(err, index)
+                if named is err:
+                    raise
+                raise named from err
             grids.append((pixels.shape[0] // p, pixels.shape[1] // p))
-            patches.append(_patchify_hwc(pixels, p))
+            patches.append(patchify_hwc(pixels, p))
         packed_u8 = patches[0] if len(patches) == 1 else np.concatenate(patches)
         packed_pixel_values = normalize_uint8(packed_u8)
 
@@ -725,8 +841,12 @@ __all__ = [
     "to_pil",
     "to_rgb_pil",
     "normalize_uint8",
+    "denormalize_to_uint8",
     "patchify",
     "unpatchify",
+    "patchify_hwc",
+    "unpatchify_hwc",
+    "pack_to_uint8_images",
     "position_ids_extrapolate",
     "position_ids_interpolate",
     "build_cu_seqlens",

@@ -286,6 +286,52 @@ def test_patchify_layout_and_inverse():
         ipm.patchify(torch.zeros(3, 8, 10), 4)
 
 
+def test_one_patch_layout_everywhere():
+    """The numpy / torch, HWC / CHW patchify paths and the model's Conv2d -> Linear weight layout are the same."""
+    from conftest import model_mod
+
+    c, p = 3, 4
+    image = torch.randint(0, 256, (8, 12, c), dtype=torch.uint8)
+    hwc = ipm.patchify_hwc(image, p)
+    assert torch.equal(hwc, ipm.patchify(image.permute(2, 0, 1), p))
+    assert np.array_equal(ipm.patchify_hwc(image.numpy(), p), hwc.numpy())
+    assert torch.equal(ipm.unpatchify_hwc(hwc, 2, 3, p, c), image)
+    # a Conv2d filter (C, P, P) is an image of one patch: its Linear row is that patch's feature vector
+    conv = torch.randn(5, c, p, p)
+    linear = model_mod.conv2d_weight_to_linear(conv)
+    for k in range(5):
+        assert torch.equal(linear[k], ipm.patchify(conv[k], p)[0])
+
+
+def test_pack_to_uint8_images_inverts_preprocess():
+    rng = np.random.default_rng(0)
+    images = [rng.integers(0, 256, (h * 14, w * 14, 3), dtype=np.uint8) for h, w in [(3, 5), (7, 2)]]
+    inputs = Processor(do_resize=False)(images=images, return_tensors="pt")
+    recovered = ipm.pack_to_uint8_images(inputs["packed_pixel_values"], inputs["image_grid_hw"].tolist(), 14)
+    assert [r.dtype for r in recovered] == [torch.uint8, torch.uint8]
+    assert all(np.array_equal(r.numpy(), im) for r, im in zip(recovered, images))
+    with pytest.raises(ValueError, match="holds 29 patches but the grids describe 43"):
+        ipm.pack_to_uint8_images(inputs["packed_pixel_values"], [(3, 5), (7, 4)], 14)
+
+
+def test_settings_for_model_follow_the_geometry():
+    bagel = ipm.SiglipNaViTImageProcessor.settings_for_model(tiny_config(image_size=980, patch_size=14))
+    assert bagel == {k: v for k, v in json.loads(Processor().to_json_string()).items() if k != "auto_map"}
+    assert Processor(**bagel).to_dict() == Processor().to_dict()
+    stock = ipm.SiglipNaViTImageProcessor.settings_for_model(tiny_config(image_size=378, patch_size=14))
+    assert (stock["max_image_size"], stock["max_num_patches_per_side"], stock["patch_size"]) == (378, 27, 14)
+    assert (stock["min_image_size"], stock["max_pixels"]) == (224, 378**2)
+    tiny = ipm.SiglipNaViTImageProcessor.settings_for_model(tiny_config(), {"img_num": 2, "max_image_size": 24,
+                                                                             "patch_size": 4, "min_image_size": 8,
+                                                                             "max_pixels": 100})
+    # a template written for this geometry keeps its size budget; bookkeeping keys never travel
+    assert (tiny["img_num"], tiny["min_image_size"], tiny["max_pixels"], tiny["image_stride"]) == (2, 8, 100, 4)
+    templ = ipm.SiglipNaViTImageProcessor.settings_for_model(tiny_config(), {"auto_map": {}, "image_processor_type": "x"})
+    assert "auto_map" not in templ and "image_processor_type" not in templ
+    assert (templ["min_image_size"], templ["max_pixels"], templ["max_num_patches_per_side"]) == (24, 576, 6)
+    Processor(**templ)  # the settings are valid for the processor
+
+
 def test_position_ids_extrapolate():
     for h, w in [(1, 1), (1, 70), (70, 1), (52, 70), (3, 5)]:
         got = ipm.position_ids_extrapolate(h, w, 70)
