@@ -1,8 +1,9 @@
 # Copyright 2026 The siglip-navit authors. Licensed under the Apache License, Version 2.0.
 """Pictures of a SigLIP-NaViT pack: how the pack sees each image, what the features look like, where tokens sit.
 
-Not one of the remote-code files (it is not downloaded with a model); it imports only torch, numpy and PIL, and
-draws with `PIL.ImageDraw` and PIL's built-in font (nothing is downloaded). Every picture function returns a
+Not one of the remote-code files (it is not downloaded with a model); it imports torch, numpy, PIL and the repo's
+image processor (the one owner of the patch layout and pixel normalisation, through `siglip_navit_tools.repo_code`),
+and draws with `PIL.ImageDraw` and PIL's built-in font (nothing is downloaded). Every picture function returns a
 `PIL.Image.Image` (RGB) and, with `save_to=path`, also writes it as a PNG.
 
     inputs = processor(images=[a, b, c], return_tensors="pt")
@@ -14,7 +15,7 @@ draws with `PIL.ImageDraw` and PIL's built-in font (nothing is downloaded). Ever
 Functions:
 
 * `resized_images(inputs)`: the exact resized RGB images the model saw, recovered from the processor's output
-  (`packed_pixel_values` un-patchified and de-normalised; no resize rule is repeated here).
+  (the processor's `pack_to_uint8_images`: un-patchified and de-normalised; no geometry is repeated here).
 * `draw_patch_grid(image, grid_hw, ...)` / `patch_grids(inputs)`: patch grid and position ids over each image.
 * `pca_rgb(feature_map)`: the first three principal components of an `(h, w, C)` map as an `(h, w, 3)` uint8 image.
 * `pca_rgb_joint(feature_maps)`: the same with one PCA fitted on all images, so colours compare across images.
@@ -36,6 +37,8 @@ import PIL.Image
 import PIL.ImageDraw
 import PIL.ImageFont
 import torch
+
+from siglip_navit_tools import repo_code
 
 __all__ = [
     "PALETTE",
@@ -219,6 +222,11 @@ def _cell_size(image: PIL.Image.Image, grid: tuple[int, int], patch_size: Option
     return image.width // w
 
 
+def _processing():
+    """The repo's image-processing module: the patch layout and the pixel normalisation live there."""
+    return repo_code.image_processing()
+
+
 # --------------------------------------------------------------------------------------------------------------
 # The images the model saw
 # --------------------------------------------------------------------------------------------------------------
@@ -250,16 +258,14 @@ def resized_images(inputs: Any, num_channels: int = 3) -> list[PIL.Image.Image]:
         raise ValueError(
             f"`inputs['packed_pixel_values']` rows have {dim} values, not P*P*{num_channels} for any patch size P"
         )
-    lengths = [h * w for h, w in grids]
-    if sum(lengths) != pixels.shape[0]:
+    described = sum(h * w for h, w in grids)
+    if described != pixels.shape[0]:
         raise ValueError(
             f"`inputs['packed_pixel_values']` holds {pixels.shape[0]} patches but `inputs['image_grid_hw']` "
-            f"describes {sum(lengths)} ({grids})"
+            f"describes {described} ({grids})"
         )
-    u8 = ((pixels.to(torch.float32) + 1.0) * 127.5).round().clamp(0, 255).to(torch.uint8)
     images = []
-    for chunk, (h, w) in zip(torch.split(u8, lengths), grids):
-        hwc = chunk.reshape(h, w, p, p, num_channels).permute(0, 2, 1, 3, 4).reshape(h * p, w * p, num_channels)
+    for hwc in _processing().pack_to_uint8_images(pixels, grids, p, num_channels):
         array = hwc.numpy()
         images.append(PIL.Image.fromarray(array[..., 0] if num_channels == 1 else array).convert("RGB"))
     return images

@@ -10,8 +10,6 @@ the median over `--repeats` calls of one batch (after one warm-up call), the con
 
 import argparse
 import platform
-import sys
-from pathlib import Path
 
 import numpy as np
 import PIL
@@ -19,10 +17,12 @@ import PIL.Image
 import torch
 import transformers
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import interleaved_medians  # noqa: E402
-from image_processing_siglip_navit import SiglipNaViTImageProcessor, bagel_resize_size  # noqa: E402
+from _common import interleaved_medians  # benchmarks/ is this script's folder: on sys.path
+
+from siglip_navit_tools import repo_code
+
+SiglipNaViTImageProcessor = repo_code.image_processing().SiglipNaViTImageProcessor
+bagel_resize_size = repo_code.image_processing().bagel_resize_size
 
 # (width, height): phone photos (4032x3024, both orientations), DSLR / screen / web sizes
 SIZES = [

@@ -20,15 +20,12 @@ definitions live here once and are shared by both sides.
 from __future__ import annotations
 
 import argparse
-import sys
 import warnings
 from pathlib import Path
 
 import torch
 
-# Import the model the way the test-suite does: conftest registers the repo root as package `siglip_navit`.
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from conftest import make_model, make_pack, tiny_config  # noqa: E402
+from siglip_navit_tools.testing import make_model, make_pack, tiny_config
 
 WORLD_SIZE = 2
 # Different packs per rank: several images of different (h, w) patch grids on a 6x6 max grid.

@@ -23,8 +23,7 @@ import torch
 TESTS = Path(__file__).resolve().parent
 ROOT = TESTS.parent
 WORKER = TESTS / "_parallel_train_worker.py"
-sys.path.insert(0, str(TESTS))
-import _parallel_train_worker as worker  # noqa: E402
+import _parallel_train_worker as worker  # tests/ is on pytest's pythonpath (pyproject.toml)
 
 MODES = ["ddp", "fsdp2"]
 PASSES = [(rope, ckpt) for rope in (False, True) for ckpt in (False, True)]

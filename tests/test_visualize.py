@@ -13,11 +13,8 @@ import pytest
 import torch
 from conftest import ROOT
 
+import visualize as vis
 from siglip_navit import image_processing_siglip_navit as ipm
-
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
-import visualize as vis  # noqa: E402
 
 GRIDS = [(3, 5), (7, 2)]  # non-square patch grids (rows, cols), both orientations
 

@@ -1,0 +1,62 @@
+# Copyright 2026 The siglip-navit authors. Licensed under the Apache License, Version 2.0.
+"""The ONE way tools, tests, benchmarks and scripts import the repo root's remote-code files.
+
+The remote-code files use relative imports (`from .configuration_siglip_navit import ...`), as the Hub's dynamic
+module loader expects, so they can only be imported as members of a package. This module registers the repo root
+as the package `siglip_navit` (without touching `sys.path`) and imports from it. It must not copy, fetch or run any
+other code.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import sys
+from pathlib import Path
+from types import ModuleType
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+PACKAGE = "siglip_navit"
+CONFIG_FILE = "configuration_siglip_navit.py"
+MODELING_FILE = "modeling_siglip_navit.py"
+PROCESSING_FILE = "image_processing_siglip_navit.py"
+# What a converted repo ships and `trust_remote_code=True` runs.
+REMOTE_CODE_FILES = (CONFIG_FILE, MODELING_FILE, PROCESSING_FILE)
+CONFIG_AUTO_MAP = {
+    "AutoConfig": "configuration_siglip_navit.SiglipNaViTConfig",
+    "AutoModel": "modeling_siglip_navit.SiglipVisionModel",
+}
+PROCESSOR_AUTO_MAP = {"AutoImageProcessor": "image_processing_siglip_navit.SiglipNaViTImageProcessor"}
+
+
+def _package() -> str:
+    """Register the repo root as a package and return its name (another `siglip_navit` already imported, e.g. a
+    user's copy, is left alone: ours then gets a private name)."""
+    for name in (PACKAGE, f"_{PACKAGE}_repo_code"):
+        pkg = sys.modules.get(name)
+        if pkg is None:
+            spec = importlib.util.spec_from_loader(name, loader=None, is_package=True)
+            pkg = importlib.util.module_from_spec(spec)
+            pkg.__path__ = [str(REPO_ROOT)]
+            sys.modules[name] = pkg
+            return name
+        if [str(Path(p).resolve()) for p in getattr(pkg, "__path__", [])] == [str(REPO_ROOT)]:
+            return name
+    raise ImportError(f"cannot register {REPO_ROOT} as a package: both names are taken by other modules")
+
+
+def module(name: str) -> ModuleType:
+    """One remote-code module by its file stem, e.g. `module("modeling_siglip_navit")`."""
+    return importlib.import_module(f"{_package()}.{name}")
+
+
+def configuration() -> ModuleType:
+    return module(Path(CONFIG_FILE).stem)
+
+
+def modeling() -> ModuleType:
+    return module(Path(MODELING_FILE).stem)
+
+
+def image_processing() -> ModuleType:
+    return module(Path(PROCESSING_FILE).stem)
