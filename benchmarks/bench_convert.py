@@ -5,7 +5,7 @@ Builds `ema.safetensors` with BAGEL's real key layout: the full so400m ViT slice
 parameters, bf16, ~0.81 GB of real data, at the END of the file as in BAGEL's name-sorted file) plus non-ViT tensors
 (connector, vit_pos_embed, ...) and one huge language-model tensor that is a sparse hole (never written, never read),
 so the file is >= 10 GB but takes ~0.85 GB of disk. Then it evicts the file from the page cache, runs the converter in
-a subprocess and reports:
+a subprocess (the command's own `main`, `siglip_navit_tools.convert.cli.main`) and reports:
 
 - wall time of the whole command (imports included) and of `main()` alone;
 - bytes read from the source: the converter's own count, and, independently, the source pages the kernel brought
@@ -41,15 +41,15 @@ LLM_HIDDEN = 3584  # Qwen2-7B hidden size (BAGEL's language model)
 
 CHILD = r"""
 import json, resource, sys, time
-sys.path.insert(0, sys.argv[1])
 t0 = time.perf_counter()
-import convert_checkpoint as cc
-if sys.argv[2] == "--imports-only":
-    cc._remote_code_modules()
+from siglip_navit_tools.convert.cli import main
+if sys.argv[1] == "--imports-only":
+    from siglip_navit_tools import repo_code
+    repo_code.configuration(), repo_code.modeling()
     rc, wall = 0, 0.0
 else:
     t = time.perf_counter()
-    rc = cc.main(sys.argv[2:])
+    rc = main(sys.argv[1:])
     wall = time.perf_counter() - t
 io = {}
 with open("/proc/self/io") as f:
@@ -181,7 +181,9 @@ def resident_bytes(path: Path) -> int:
 
 def run_child(args: list[str]) -> tuple[dict, str, float]:
     t = time.perf_counter()
-    proc = subprocess.run([sys.executable, "-c", CHILD, str(ROOT), *args], capture_output=True, text=True)
+    # `python -c` puts its working directory first on sys.path: from the repo root the tools package imports as a
+    # user's checkout has it, installed or not
+    proc = subprocess.run([sys.executable, "-c", CHILD, *args], capture_output=True, text=True, cwd=ROOT)
     wall = time.perf_counter() - t
     line = next((l for l in proc.stdout.splitlines() if l.startswith("BENCH ")), None)
     if proc.returncode != 0 or line is None:

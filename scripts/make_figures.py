@@ -3,7 +3,8 @@
     python scripts/make_figures.py [--out docs] [--layers 2] [--seed 0]
 
 Deterministic: a tiny BAGEL-layout checkpoint with seeded random weights (BAGEL-7B-MoT's geometry -- 14 px
-patches, a 70 x 70 position table -- at a small width) is written, converted with convert_checkpoint.py and loaded
+patches, a 70 x 70 position table -- at a small width; `siglip_navit_tools.testing`) is written, converted with
+the converter and loaded
 the Hub way (AutoModel / AutoImageProcessor, trust_remote_code=True); three synthetic images of different sizes
 are encoded in ONE forward and drawn with visualize.py. Random weights: the PCA colours follow local colour and
 texture, not objects -- run examples/quickstart.ipynb with a real checkpoint for that. Takes a few seconds on a CPU.
@@ -18,7 +19,6 @@ tests/test_visualize.py compares the output with docs/*.png pixel for pixel.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shutil
 import sys
@@ -30,52 +30,13 @@ import PIL.Image
 import PIL.ImageDraw
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
+from siglip_navit_tools import repo_code
+from siglip_navit_tools.testing import dtype_kwarg, tiny_bagel_checkpoint, convert
 
-import convert_checkpoint  # noqa: E402
-import visualize as vis  # noqa: E402
+import visualize as vis
 
+ROOT = repo_code.REPO_ROOT
 FIGURES = ("patch_grid.png", "pca.png", "pack_strip.png")
-# BAGEL-7B-MoT's vit_config.json geometry (patch 14, 980 px = 70 x 70 positions) at a small width. As in BAGEL's
-# file, num_hidden_layers says one more layer than the checkpoint stores (BAGEL drops the last one).
-TINY_VIT_CONFIG = dict(hidden_size=64, intermediate_size=128, num_attention_heads=4, patch_size=14, image_size=980,
-                       model_type="siglip_vision_model")
-
-
-def tiny_bagel_checkpoint(folder: Path, layers: int = 2, seed: int = 0) -> Path:
-    """A BAGEL-style model folder: `ema.safetensors` (ViT tensors under `vit_model.`) + `vit_config.json`."""
-    from safetensors.torch import save_file
-
-    cfg = dict(TINY_VIT_CONFIG, num_hidden_layers=layers + 1)
-    d, mlp, p = cfg["hidden_size"], cfg["intermediate_size"], cfg["patch_size"]
-    side = cfg["image_size"] // p
-    gen = torch.Generator().manual_seed(seed)
-
-    def randn(*shape):
-        return torch.randn(*shape, generator=gen) * 0.02
-
-    vm = "vit_model.vision_model."
-    sd = {
-        vm + "embeddings.patch_embedding.weight": randn(d, 3 * p * p),  # BAGEL stores the Linear layout
-        vm + "embeddings.patch_embedding.bias": torch.zeros(d),
-        vm + "embeddings.position_embedding.weight": randn(side * side, d),
-        vm + "post_layernorm.weight": torch.ones(d),
-        vm + "post_layernorm.bias": torch.zeros(d),
-    }
-    for i in range(layers):
-        pre = f"{vm}encoder.layers.{i}."
-        for name in ("q_proj", "k_proj", "v_proj", "out_proj"):
-            sd[f"{pre}self_attn.{name}.weight"], sd[f"{pre}self_attn.{name}.bias"] = randn(d, d), torch.zeros(d)
-        sd[pre + "mlp.fc1.weight"], sd[pre + "mlp.fc1.bias"] = randn(mlp, d), torch.zeros(mlp)
-        sd[pre + "mlp.fc2.weight"], sd[pre + "mlp.fc2.bias"] = randn(d, mlp), torch.zeros(d)
-        for ln in ("layer_norm1", "layer_norm2"):
-            sd[f"{pre}{ln}.weight"], sd[f"{pre}{ln}.bias"] = torch.ones(d), torch.zeros(d)
-    folder.mkdir(parents=True, exist_ok=True)
-    save_file(sd, str(folder / "ema.safetensors"), metadata={"format": "pt"})
-    (folder / "vit_config.json").write_text(json.dumps(cfg, indent=2))
-    return folder
 
 
 def synthetic_scene(width: int, height: int, seed: int) -> PIL.Image.Image:
@@ -124,16 +85,12 @@ def main(argv: list[str] | None = None) -> int:
             import transformers.dynamic_module_utils
             from transformers import AutoImageProcessor, AutoModel
 
-            dtype_kwarg = "dtype" if int(transformers.__version__.split(".")[0]) >= 5 else "torch_dtype"
-            src = tiny_bagel_checkpoint(Path(tmp) / "bagel", args.layers, args.seed)
+            src = tiny_bagel_checkpoint(Path(tmp) / "bagel", layers=args.layers, seed=args.seed)
             # unique folder name: transformers 4.x caches remote code by the folder's base name
-            repo = Path(tempfile.mkdtemp(prefix="siglip-navit-tiny-", dir=tmp))
-            rc = convert_checkpoint.main(["--src", str(src), "--out", str(repo), "--no-progress", "--quiet"])
-            if rc != 0:
-                return rc
+            repo = convert(src, Path(tempfile.mkdtemp(prefix="siglip-navit-tiny-", dir=tmp)))
             try:
                 processor = AutoImageProcessor.from_pretrained(repo, trust_remote_code=True)
-                model = AutoModel.from_pretrained(repo, trust_remote_code=True, **{dtype_kwarg: torch.float32})
+                model = AutoModel.from_pretrained(repo, trust_remote_code=True, **{dtype_kwarg(): torch.float32})
                 model.eval()
             finally:
                 if not user_cache and not redirected:

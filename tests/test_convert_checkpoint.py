@@ -21,9 +21,9 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from conftest import ROOT, make_model, make_pack, randomize_, tiny_config, unique_dir
-
-sys.path.insert(0, str(ROOT))
-import convert_checkpoint as cc  # noqa: E402
+from siglip_navit_tools.convert import cli as convert_cli
+from siglip_navit_tools.convert import hub, write
+from siglip_navit_tools.io import safetensors as st_io
 
 TRANSFORMERS_MAJOR = int(transformers.__version__.split(".")[0])
 FP32 = {"dtype" if TRANSFORMERS_MAJOR >= 5 else "torch_dtype": torch.float32}
@@ -57,7 +57,7 @@ PACK_GRIDS = [(6, 6), (3, 5), (2, 2)]
 # helpers
 # ------------------------------------------------------------------------------------------------------------------
 def convert(*args) -> int:
-    return cc.main([str(a) for a in args] + ["--no-progress"])
+    return convert_cli.main([str(a) for a in args] + ["--no-progress"])
 
 
 @contextlib.contextmanager
@@ -576,7 +576,7 @@ def test_missing_unexpected_misshaped_reported_before_writing(tmp_path, capsys, 
         },
     )
     read = []
-    monkeypatch.setattr(cc, "iter_source_tensors", lambda *a, **k: read.append(1) or iter(()))
+    monkeypatch.setattr(write, "iter_source_tensors", lambda *a, **k: read.append(1) or iter(()))
     out = unique_dir(tmp_path, "invalid")
     before = sorted(p.name for p in tmp_path.iterdir())
     assert convert("--src", src, "--out", out) == 1
@@ -616,7 +616,7 @@ def test_interrupted_run_leaves_nothing(tmp_path, monkeypatch, capsys, existing)
         out.mkdir()
         (out / "old.txt").write_text("old")
     calls = []
-    real = cc._write_tensor_data
+    real = st_io._write_tensor_data
 
     def interrupt(f, data):
         calls.append(1)
@@ -624,7 +624,7 @@ def test_interrupted_run_leaves_nothing(tmp_path, monkeypatch, capsys, existing)
             raise KeyboardInterrupt
         real(f, data)
 
-    monkeypatch.setattr(cc, "_write_tensor_data", interrupt)
+    monkeypatch.setattr(st_io, "_write_tensor_data", interrupt)
     args = ["--src", src, "--out", out] + (["--force"] if existing else [])
     assert convert(*args) == 130
     assert "interrupted" in capsys.readouterr().err
@@ -696,7 +696,7 @@ def test_hash_verification_catches_corrupted_output(tmp_path, monkeypatch, capsy
             data[0] ^= 0xFF
         f.write(data)
 
-    monkeypatch.setattr(cc, "_write_tensor_data", corrupting_write)
+    monkeypatch.setattr(st_io, "_write_tensor_data", corrupting_write)
     out = unique_dir(tmp_path, "corrupted_out")
     assert convert("--src", src, "--out", out) == 1
     err = capsys.readouterr().err
@@ -792,9 +792,9 @@ def test_fsspec_source_reads_only_header_and_vit_ranges(tmp_path):
 
 
 def test_hf_url_base_model_and_card(tmp_path):
-    assert cc._hf_repo_id("hf://ByteDance-Seed/BAGEL-7B-MoT") == "ByteDance-Seed/BAGEL-7B-MoT"
-    assert cc._hf_repo_id("hf://ByteDance-Seed/BAGEL-7B-MoT@main/ema.safetensors") == "ByteDance-Seed/BAGEL-7B-MoT"
-    assert cc._hf_repo_id("hf://datasets/x/y") is None and cc._hf_repo_id("/local/path") is None
+    assert hub.hf_repo_id("hf://ByteDance-Seed/BAGEL-7B-MoT") == "ByteDance-Seed/BAGEL-7B-MoT"
+    assert hub.hf_repo_id("hf://ByteDance-Seed/BAGEL-7B-MoT@main/ema.safetensors") == "ByteDance-Seed/BAGEL-7B-MoT"
+    assert hub.hf_repo_id("hf://datasets/x/y") is None and hub.hf_repo_id("/local/path") is None
     src, _ = make_bagel(tmp_path)
     out = unique_dir(tmp_path, "card")
     assert convert("--src", src, "--out", out, "--license", "other", "--base-model", "me/base") == 0
@@ -867,11 +867,11 @@ def test_command_line_exit_codes(tmp_path):
 
 
 def test_preprocessor_settings_follow_the_model():
-    bagel = cc.navit_preprocessor_dict(tiny_config(hidden_size=1152, num_attention_heads=16, image_size=980, patch_size=14))
+    bagel = hub.navit_preprocessor_dict(tiny_config(hidden_size=1152, num_attention_heads=16, image_size=980, patch_size=14))
     assert (bagel["patch_size"], bagel["image_stride"], bagel["max_num_patches_per_side"]) == (14, 14, 70)
     assert (bagel["max_image_size"], bagel["min_image_size"]) == (980, 224)
     assert bagel["max_pixels"] == 1_806_336  # BAGEL's own budget is kept for BAGEL's geometry (img_num divides it)
-    stock = cc.navit_preprocessor_dict(tiny_config(image_size=378, patch_size=14, hidden_size=32))
+    stock = hub.navit_preprocessor_dict(tiny_config(image_size=378, patch_size=14, hidden_size=32))
     assert (stock["max_num_patches_per_side"], stock["max_image_size"], stock["min_image_size"]) == (27, 378, 224)
     assert stock["max_pixels"] == 378 * 378
     assert stock["auto_map"] == {"AutoImageProcessor": "image_processing_siglip_navit.SiglipNaViTImageProcessor"}

@@ -1,0 +1,133 @@
+# Copyright 2026 The siglip-navit authors. Licensed under the Apache License, Version 2.0.
+"""`convert(options) -> ConvertResult`: the converter's steps, in order.
+
+Open the source (headers only), check the target, build and validate the plan, then (unless a dry run) write the
+weights and side files into a temporary directory beside the target, verify them, make them durable and rename
+the directory into place (`io.atomic`), and optionally upload. Owns the progress messages on stderr and the dry-run
+listing on stdout. Must not parse command lines nor map errors to exit codes (that is `cli`).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+from ..io import atomic
+from .hub import human, push_to_hub
+from .options import ConversionError, ConvertOptions, parse_size
+from .plan import DTYPE_NAMES, Plan, build_plan
+from .sources import Source, open_source
+from .write import output_file_list, verify_output, write_side_files, write_weights
+
+
+@dataclass
+class ConvertResult:
+    out: Path  # the output directory (not written on a dry run)
+    plan: Plan
+    bytes_read: int  # tensor bytes read from the source
+    url: Optional[str] = None  # the Hub repo, with push_to_hub
+    written: bool = True  # False on a dry run
+
+
+def check_target(out: Path, src: Source, force: bool) -> None:
+    """Never over the source, and never over a non-empty directory without `force`."""
+    if src.loc.is_local:
+        src_path = Path(src.loc.path).resolve()
+        out_res = out.resolve()
+        if out_res == src_path or out_res in src_path.parents:
+            raise ConversionError(
+                f"refusing to write to {out}: it is (or contains) the source {src.loc.display}. Choose another --out."
+            )
+    if out.is_symlink() or out.exists():
+        if out.is_dir() and not out.is_symlink() and not any(out.iterdir()):
+            return
+        if not force:
+            raise ConversionError(
+                f"target {out} already exists and is not empty; pass --force to replace it (the old contents are "
+                "replaced only after the new checkpoint has been written and verified)."
+            )
+
+
+def _natural(key: str) -> list:
+    return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", key)]
+
+
+def describe_plan(plan: Plan, out: Path) -> str:
+    """The dry-run listing: source, output, files, every tensor and what is not written."""
+    src, c = plan.source, plan.config
+    layers = f"  layers stored: {plan.layers_stored}"
+    layout = "stock transformers SiglipVisionModel" if plan.to == "stock-siglip" else "SigLIP-NaViT (remote code)"
+    lines = [
+        f"source: {src.loc.display} [{src.key_style}]",
+        f"  weight files: {', '.join(src.weight_files)}",
+        layers + (f", config says {plan.layers_config}" if plan.layers_config is not None else ""),
+        f"output: {out} [{layout}]",
+        f"  layers {c.num_hidden_layers}, hidden {c.hidden_size}, patch {c.patch_size}, image {c.image_size}, "
+        f"rope={c.rope}, dtype {plan.dtype_name}",
+        f"  would read {len(plan.items)} tensors, {plan.total_read_bytes} bytes"
+        + (f" of {src.total_bytes} bytes of source weights" if src.total_bytes else ""),
+        "files:",
+    ]
+    for i, name in enumerate(plan.shard_files):
+        items = plan.shard_items(i)
+        lines.append(f"  {name}  ({len(items)} tensors, {sum(it.nbytes for it in items)} bytes)")
+    lines += [f"  {n}" for n in output_file_list(plan)[len(plan.shard_files) :]]
+    lines.append("tensors:")
+    for it in sorted(plan.items, key=lambda i: _natural(i.out_key)):
+        extra = f"  [{it.transform}]" if it.transform else ""
+        dtype = DTYPE_NAMES.get(it.out_dtype, it.out_dtype)
+        lines.append(f"  {it.out_key}  {list(it.out_shape)} {dtype}  <- {it.entry.info.key}{extra}")
+    if plan.dropped:
+        lines.append("not written:")
+        lines += [f"  {reason}: {len(keys)} tensors" for reason, keys in plan.dropped.items()]
+    lines += [f"note: {n}" for n in plan.notes]
+    return "\n".join(lines)
+
+
+def _write(plan: Plan, out: Path, options: ConvertOptions, chunk: int) -> None:
+    """Everything into a temporary directory beside `out`; verified and durable before it replaces `out`."""
+    with atomic.temporary_directory(out) as tmp:
+        write_weights(plan, tmp, chunk, progress=options.progress and not options.quiet)
+        write_side_files(plan, tmp, options)
+        verify_output(plan, tmp, chunk)
+        atomic.fsync_tree(tmp)
+        atomic.replace_directory(tmp, out)
+
+
+def convert(options: ConvertOptions) -> ConvertResult:
+    """Convert `options.src` into a ready Hub repo at `options.out` (see ConvertOptions); raises ConversionError
+    (or another ToolError) with a one-paragraph message when it cannot. Nothing is left behind on failure."""
+
+    def log(msg: str) -> None:
+        if not options.quiet:
+            print(msg, file=sys.stderr)
+
+    chunk = parse_size(options.read_chunk_size, "--read-chunk-size")
+    out = Path(os.path.abspath(os.path.expanduser(options.out)))
+    src = open_source(options)
+    try:
+        check_target(out, src, options.force)
+        plan = build_plan(src, options)
+        if options.dry_run:
+            print(describe_plan(plan, out))
+            print("dry run: nothing was written.")
+            return ConvertResult(out, plan, src.bytes_read, written=False)
+        for note in plan.notes:
+            log(f"note: {note}")
+        total = f" of {human(src.total_bytes)}" if src.total_bytes else ""
+        log(f"converting {src.loc.display} [{src.key_style}] -> {out}: {len(plan.items)} tensors, "
+            f"{human(plan.total_read_bytes)} to read{total}")  # fmt: skip
+        _write(plan, out, options, chunk)
+        log(f"wrote {out} ({', '.join(output_file_list(plan))}); read {human(src.bytes_read)} from the source "
+            f"({src.bytes_read} bytes); every tensor verified against its sha256.")  # fmt: skip
+        result = ConvertResult(out, plan, src.bytes_read)
+        if options.push_to_hub:
+            result.url = push_to_hub(out, options, plan)
+            log(f"uploaded to {result.url}" + (f" (revision {options.revision})" if options.revision else ""))
+        return result
+    finally:
+        src.close()
