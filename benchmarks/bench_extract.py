@@ -8,7 +8,8 @@ weights), depth reduced with --layers so a CPU run takes a few minutes. --images
 (64..1600 px a side, random aspect) go through the BAGEL image processor once (min side --min-image-size, long
 side <= --max-image-size); only the model forwards are timed, so the three strategies differ in nothing else:
 
-  packed   extract_features.plan_batches: first-fit-decreasing forwards of <= --max-patches-per-batch patches
+  packed   extract_features.py's packer (siglip_navit_tools.extract.plan_batches): first-fit-decreasing forwards
+           of <= --max-patches-per-batch patches, joined by the processor (concatenate_packs)
   single   one image per forward
   padded   --batch-size images per forward in input order, each padded to the longest of its batch (what a
            dense model runs; here as equal-length packed sequences, i.e. the cost of padding without a mask)
@@ -20,21 +21,16 @@ import argparse
 import math
 import statistics
 import sys
-from pathlib import Path
 
 import numpy as np
 import torch
+from _common import interleaved_times  # this script's folder is on sys.path
 from PIL import Image
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "tests"))
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import interleaved_times  # noqa: E402
-from conftest import cfg_mod, model_mod  # noqa: E402
+from siglip_navit_tools import repo_code
+from siglip_navit_tools.extract import plan_batches
 
-from extract_features import plan_batches  # noqa: E402
-from siglip_navit.image_processing_siglip_navit import SiglipNaViTImageProcessor  # noqa: E402
+processing = repo_code.image_processing()
 
 
 def synthetic_images(n: int, seed: int) -> list[Image.Image]:
@@ -52,28 +48,29 @@ def synthetic_images(n: int, seed: int) -> list[Image.Image]:
     return images
 
 
-def concat(items: list[dict], device) -> dict:
-    lengths = [it["pixels"].shape[0] for it in items]
-    cu = torch.tensor([0] + np.cumsum(lengths).tolist(), dtype=torch.int32)
-    return {
-        "packed_pixel_values": torch.cat([it["pixels"] for it in items]).to(device),
-        "packed_flattened_position_ids": torch.cat([it["positions"] for it in items]).to(device),
-        "cu_seqlens": cu.to(device),
-        "max_seqlen": max(lengths),
-    }
+def to_device(pack: dict, device) -> dict:
+    return {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in pack.items()}
 
 
-def padded(items: list[dict], device) -> dict:
+def concat(items: list, device) -> dict:
+    """The processor's own packs of these images, joined (what extract_features.py's loader hands the model)."""
+    return to_device(dict(processing.concatenate_packs(items)), device)
+
+
+def padded(items: list, device) -> dict:
     """Each image padded (zeros, position 0) to the batch's longest: B sequences of equal length."""
-    longest = max(it["pixels"].shape[0] for it in items)
-    padded_items = []
-    for it in items:
-        pad = longest - it["pixels"].shape[0]
-        padded_items.append({
-            "pixels": torch.cat([it["pixels"], it["pixels"].new_zeros(pad, it["pixels"].shape[1])]),
-            "positions": torch.cat([it["positions"], it["positions"].new_zeros(pad)]),
-        })  # fmt: skip
-    return concat(padded_items, device)
+    longest = max(it["packed_pixel_values"].shape[0] for it in items)
+
+    def pad(t: torch.Tensor) -> torch.Tensor:
+        return torch.cat([t, t.new_zeros(longest - t.shape[0], *t.shape[1:])])
+
+    pack = {
+        "packed_pixel_values": torch.cat([pad(it["packed_pixel_values"]) for it in items]),
+        "packed_flattened_position_ids": torch.cat([pad(it["packed_flattened_position_ids"]) for it in items]),
+        "cu_seqlens": processing.build_cu_seqlens([longest] * len(items)),
+        "max_seqlen": longest,
+    }
+    return to_device(pack, device)
 
 
 def main(argv=None) -> int:
@@ -90,22 +87,20 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)
 
-    processor = SiglipNaViTImageProcessor(max_image_size=args.max_image_size, min_image_size=args.min_image_size)
-    items = []
-    for image in synthetic_images(args.images, seed=0):
-        out = processor(images=image)
-        items.append({"pixels": out["packed_pixel_values"], "positions": out["packed_flattened_position_ids"]})
-    lengths = [it["pixels"].shape[0] for it in items]
-    largest = max(processor.patch_grid(args.max_image_size, args.max_image_size)) ** 2
-    budget = args.max_patches_per_batch or 4 * largest
+    processor = processing.SiglipNaViTImageProcessor(
+        max_image_size=args.max_image_size, min_image_size=args.min_image_size
+    )
+    items = [processor(images=image) for image in synthetic_images(args.images, seed=0)]
+    lengths = [it["packed_pixel_values"].shape[0] for it in items]
+    budget = args.max_patches_per_batch or 4 * processor.max_patches_per_image()
 
-    config = cfg_mod.SiglipNaViTConfig(
+    config = repo_code.configuration().SiglipNaViTConfig(
         hidden_size=1152, intermediate_size=4304, num_attention_heads=16, num_hidden_layers=args.layers,
         patch_size=14, image_size=980, rope=False,
     )  # fmt: skip
     config._attn_implementation = "sdpa"
     torch.manual_seed(0)
-    model = model_mod.SiglipVisionModel(config).to(device=device, dtype=dtype).eval()
+    model = repo_code.modeling().SiglipVisionModel(config).to(device=device, dtype=dtype).eval()
 
     batches = {
         "packed (token budget)": [concat([items[i] for i in b], device) for b in plan_batches(lengths, budget)],

@@ -1,7 +1,6 @@
 """extract_features.py: token-budget packing, outputs equal to per-image forwards, resumable atomic shards,
 corrupt images skipped, datasets input, and 2-process data parallelism through torchrun (gloo)."""
 
-import importlib.util
 import json
 import os
 import subprocess
@@ -15,10 +14,10 @@ from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-_spec = importlib.util.spec_from_file_location("extract_features", ROOT / "extract_features.py")
-ef = importlib.util.module_from_spec(_spec)
-sys.modules["extract_features"] = ef
-_spec.loader.exec_module(ef)
+from siglip_navit_tools.extract import cli as extract_cli
+from siglip_navit_tools.extract import inputs as extract_inputs
+from siglip_navit_tools.extract import run as extract_run
+from siglip_navit_tools.extract.packing import plan_batches
 
 # tiny model on a 16x16 position table (patch 4, 64 px); the processor resizes every image to <= 64 px
 PROCESSOR = {
@@ -76,7 +75,7 @@ def reference(model_dir, paths):
 def extract(model_dir, input_spec, output, *extra):
     argv = ["--model", str(model_dir), "--input", str(input_spec), "--output", str(output), "--num-workers", "0",
             "--no-progress", *map(str, extra)]  # fmt: skip
-    return ef.main(argv)
+    return extract_cli.main(argv)
 
 
 def read_outputs(output):
@@ -103,21 +102,21 @@ def good_paths(image_dir):
 # ---- packing plan --------------------------------------------------------------------------------------------
 def test_plan_batches_first_fit_decreasing():
     lengths = [30, 70, 20, 50, 50, 10, 80, 40]
-    batches = ef.plan_batches(lengths, 100)
+    batches = plan_batches(lengths, 100)
     assert sorted(i for b in batches for i in b) == list(range(len(lengths)))
     assert all(sum(lengths[i] for i in b) <= 100 for b in batches)
     assert len(batches) == 4  # 350 patches: the optimum 4 bins of 100 (FFD finds 80+20, 70+30, 50+50, 40+10)
     for b in batches:
         assert [lengths[i] for i in b] == sorted((lengths[i] for i in b), reverse=True)
     with pytest.raises(ValueError, match="does not fit a budget of 60"):
-        ef.plan_batches([70], 60)
+        plan_batches([70], 60)
 
 
 def test_plan_batches_random_sizes_are_packed_tightly():
     rng = np.random.default_rng(0)
     lengths = [int(h) * int(w) for h, w in rng.integers(4, 71, (200, 2))]
     budget = 16384
-    batches = ef.plan_batches(lengths, budget)
+    batches = plan_batches(lengths, budget)
     assert sorted(i for b in batches for i in b) == list(range(200))
     assert max(sum(lengths[i] for i in b) for b in batches) <= budget
     assert len(batches) <= -(-sum(lengths) // budget) + 1  # within one forward of the lower bound
@@ -417,25 +416,26 @@ def test_io_errors_stop_the_run_instead_of_skipping_and_a_rerun_finishes(model_d
     import errno
 
     victim = good_paths(image_dir)[4]
-    real_load = ef.FileSource.load
+    real_load = extract_inputs.FileSource.load
 
     def flaky_load(self, image_id):
         if image_id == victim:
             raise OSError(errno.EIO, "Input/output error", image_id)
         return real_load(self, image_id)
 
-    monkeypatch.setattr(ef.FileSource, "load", flaky_load)
+    monkeypatch.setattr(extract_inputs.FileSource, "load", flaky_load)
     out = tmp_path / "feats"
     with pytest.raises(OSError, match="Input/output error"):
         extract(model_dir, image_dir, out, "--shard-size", 20)
-    monkeypatch.setattr(ef.FileSource, "load", real_load)
+    monkeypatch.setattr(extract_inputs.FileSource, "load", real_load)
     assert extract(model_dir, image_dir, out) == 0
     manifest, found = read_outputs(out)
     assert victim in found and manifest["num_skipped"] == 2
-    assert ef.is_bad_image_error(FileNotFoundError(errno.ENOENT, "gone")) is True
-    assert ef.is_bad_image_error(OSError("image file is truncated")) is True
-    assert ef.is_bad_image_error(OSError(errno.EMFILE, "Too many open files")) is False
-    assert ef.is_bad_image_error(MemoryError()) is False and ef.is_bad_image_error(NameError("x")) is False
+    assert extract_inputs.is_bad_image_error(FileNotFoundError(errno.ENOENT, "gone")) is True
+    assert extract_inputs.is_bad_image_error(OSError("image file is truncated")) is True
+    assert extract_inputs.is_bad_image_error(OSError(errno.EMFILE, "Too many open files")) is False
+    assert extract_inputs.is_bad_image_error(MemoryError()) is False
+    assert extract_inputs.is_bad_image_error(NameError("x")) is False
 
 
 def test_a_second_run_into_the_same_output_is_refused_while_the_first_holds_it(model_dir, image_dir, tmp_path, capsys):
@@ -463,7 +463,7 @@ def test_repo_code_and_trust_remote_code_give_the_same_features(model_dir, image
 def test_torchrun_resumes_a_single_process_run(model_dir, image_dir, tmp_path, monkeypatch):
     """The plan is fixed by the first run, whatever the number of processes of the next one."""
     out = tmp_path / "feats"
-    real_write = ef.write_shard
+    real_write = extract_run.write_shard
     written = []
 
     def write_two_then_interrupt(path, tensors, metadata):
@@ -472,7 +472,7 @@ def test_torchrun_resumes_a_single_process_run(model_dir, image_dir, tmp_path, m
         written.append(path.name)
         real_write(path, tensors, metadata)
 
-    monkeypatch.setattr(ef, "write_shard", write_two_then_interrupt)
+    monkeypatch.setattr(extract_run, "write_shard", write_two_then_interrupt)
     assert extract(model_dir, image_dir, out, "--shard-size", 3) == 130
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nnodes", "1", "--nproc-per-node", "2",
            str(ROOT / "extract_features.py"), "--model", str(model_dir), "--input", str(image_dir), "--output", str(out),
@@ -491,7 +491,7 @@ def test_next_shard_is_planned_and_started_during_the_last_forward_of_the_curren
     """Shard k+1's header pass and DataLoader start while shard k's last forward runs (asynchronously on a GPU),
     i.e. before shard k is written: the model is not left idle at shard boundaries."""
     events = []
-    real_job, real_write = ef.ShardJob, ef.write_shard
+    real_job, real_write = extract_run.ShardJob, extract_run.write_shard
 
     class RecordingJob(real_job):
         def __init__(self, k, *args, **kwargs):
@@ -502,8 +502,8 @@ def test_next_shard_is_planned_and_started_during_the_last_forward_of_the_curren
         events.append(("write", int(path.name.split("-")[1])))
         real_write(path, tensors, metadata)
 
-    monkeypatch.setattr(ef, "ShardJob", RecordingJob)
-    monkeypatch.setattr(ef, "write_shard", recording_write)
+    monkeypatch.setattr(extract_run, "ShardJob", RecordingJob)
+    monkeypatch.setattr(extract_run, "write_shard", recording_write)
     assert extract(model_dir, image_dir, tmp_path / "feats", "--shard-size", 5, "--num-workers", 1) == 0
     assert events == [("start", 0), ("start", 1), ("write", 0), ("start", 2), ("write", 1), ("write", 2)]
     _, found = read_outputs(tmp_path / "feats")

@@ -1,0 +1,106 @@
+# Copyright 2026 The siglip-navit authors. Licensed under the Apache License, Version 2.0.
+"""torchrun helpers: this process's rank and device, and collectives that are no-ops in a world of one.
+
+torchrun / `accelerate launch` set RANK, WORLD_SIZE and LOCAL_RANK; with world_size > 1 the process group is
+joined (nccl on CUDA, gloo on CPU). Owns nothing about images, models or files: callers pass plain objects.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Any, Callable, Optional
+
+import torch
+import torch.distributed as dist
+
+from ..cli import ToolError
+
+
+def local_rank() -> int:
+    return int(os.environ.get("LOCAL_RANK", "0"))
+
+
+def pick_device(device: Optional[str]) -> torch.device:
+    """`device` as given ("cuda" alone: one GPU per process, cuda:LOCAL_RANK), or by default cuda:LOCAL_RANK when
+    CUDA is available, else the CPU."""
+    if device is not None:
+        chosen = torch.device(device)
+        if chosen.type == "cuda" and chosen.index is None:
+            chosen = torch.device("cuda", local_rank() % torch.cuda.device_count())
+        return chosen
+    if torch.cuda.is_available():
+        return torch.device("cuda", local_rank() % torch.cuda.device_count())
+    return torch.device("cpu")
+
+
+@dataclass(frozen=True)
+class World:
+    """This process's place in the torchrun world."""
+
+    rank: int  # 0 .. size - 1 (RANK)
+    size: int  # number of processes (WORLD_SIZE); 1 without torchrun
+    device: torch.device  # where this process runs the model
+
+
+def init_distributed(device: Optional[str], timeout_minutes: float) -> World:
+    """This process's World from torchrun's environment; joins the process group when the world has more than one.
+
+    Ranks wait for each other at the start (the model is loaded and the inputs are listed on rank 0 first) and at
+    the end (ranks finish their shards at different times): the collectives' timeout is `timeout_minutes`, not
+    torch's default (10 minutes for nccl), so waiting is not mistaken for a hang."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    chosen = pick_device(device)
+    if chosen.type == "cuda":
+        torch.cuda.set_device(chosen)
+    if world_size > 1 and not dist.is_initialized():
+        dist.init_process_group(
+            backend="nccl" if chosen.type == "cuda" else "gloo", timeout=timedelta(minutes=timeout_minutes)
+        )
+    return World(rank, world_size, chosen)
+
+
+def shutdown() -> None:
+    """Leave the process group, if this process joined one."""
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def broadcast(obj: Any, world_size: int) -> Any:
+    """Rank 0's `obj`, on every rank."""
+    if world_size == 1:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def gather(obj: Any, world_size: int) -> list:
+    """Every rank's `obj`, in rank order, on every rank."""
+    if world_size == 1:
+        return [obj]
+    out = [None] * world_size
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def barrier(world_size: int) -> None:
+    if world_size > 1:
+        dist.barrier()
+
+
+def rank0_first(fn: Callable[[], Any], rank: int, world_size: int) -> Any:
+    """Run `fn` on rank 0, then on the other ranks (they then find rank 0's downloads and caches); a ToolError on
+    rank 0 is raised on every rank."""
+    result, error = None, None
+    if rank == 0:
+        try:
+            result = fn()
+        except ToolError as exc:
+            error = exc
+    error = broadcast(error, world_size)
+    if error is not None:
+        raise error
+    return fn() if rank != 0 else result

@@ -1,0 +1,85 @@
+# Copyright 2026 The siglip-navit authors. Licensed under the Apache License, Version 2.0.
+"""The extractor's options: one dataclass a newcomer can read every knob from, and the user-facing error type.
+
+Owns the defaults and the checks that need nothing but the options themselves (`ExtractOptions.validate`). Must
+not parse command lines (the CLI builds the object) nor touch files, models or processes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+from ..cli import ToolError
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+ATTN_IMPLEMENTATIONS = ("sdpa", "flash_attention_2", "eager")
+DEFAULT_SHARD_SIZE = 256
+DEFAULT_MAX_PATCHES_PER_BATCH = 16384
+
+
+class UsageError(ToolError):
+    """Bad arguments or a bad output folder: reported in one line, exit code 2."""
+
+    exit_code = 2
+
+
+@dataclass
+class ExtractOptions:
+    """What one extraction run encodes, with which model, into which folder, and how."""
+
+    # model folder or Hub repo id (config + weights + preprocessor_config.json)
+    model: str
+    # image folder, glob, .txt / .lst list of paths, image file, `datasets` save_to_disk folder or Hub dataset id
+    input: str
+    # output folder: manifest.json + shard files
+    output: str
+    # token budget of one forward, in patches (must hold the largest image the processor makes)
+    max_patches_per_batch: int = DEFAULT_MAX_PATCHES_PER_BATCH
+    # also save each image's (h, w, C) feature map, in the model dtype
+    save_grids: bool = False
+    # model dtype: a key of DTYPES
+    dtype: str = "float32"
+    # torch device; None: cuda:LOCAL_RANK when CUDA is available, else cpu
+    device: Optional[str] = None
+    # attention backend: one of ATTN_IMPLEMENTATIONS
+    attn_implementation: str = "sdpa"
+    # images per shard; None: inputs / ranks, at most DEFAULT_SHARD_SIZE (a resumed run keeps the first run's)
+    shard_size: Optional[int] = None
+    # DataLoader workers decoding and preprocessing images, per process (0: in the main process)
+    num_workers: int = 2
+    # dataset split (datasets input only)
+    split: Optional[str] = None
+    # dataset configuration name (Hub dataset input)
+    dataset_config: Optional[str] = None
+    # dataset image column; None: the first image column
+    image_column: Optional[str] = None
+    # model revision (branch, tag or commit) on the Hub
+    revision: Optional[str] = None
+    # run the code of `model`'s own repo (through the Auto classes) instead of this repo's
+    trust_remote_code: bool = False
+    # how long ranks wait for each other (start, end) under torchrun, in minutes
+    dist_timeout_minutes: float = 360.0
+    # replace a different run's results in `output` instead of refusing
+    overwrite: bool = False
+    # progress bars (shown only on a terminal)
+    progress: bool = True
+
+    def validate(self) -> None:
+        """Raise UsageError for values no run can use (the checks that need a model or the inputs come later)."""
+        if self.max_patches_per_batch <= 0:
+            raise UsageError(
+                f"--max-patches-per-batch must be a positive number of patches, got {self.max_patches_per_batch}"
+            )
+        if self.shard_size is not None and self.shard_size <= 0:
+            raise UsageError(f"--shard-size must be a positive number of images, got {self.shard_size}")
+        if self.num_workers < 0:
+            raise UsageError(f"--num-workers must be 0 or more, got {self.num_workers}")
+        if self.dtype not in DTYPES:
+            raise UsageError(f"--dtype must be one of {sorted(DTYPES)}, got {self.dtype!r}")
+        if self.attn_implementation not in ATTN_IMPLEMENTATIONS:
+            raise UsageError(
+                f"--attn-implementation must be one of {list(ATTN_IMPLEMENTATIONS)}, got {self.attn_implementation!r}"
+            )

@@ -1,0 +1,247 @@
+# Copyright 2026 The siglip-navit authors. Licensed under the Apache License, Version 2.0.
+"""From image ids to features: model + processor loading, the DataLoader of packs, and the encode loop.
+
+Owns how a shard's images become forwards (sizes from headers -> `plan_batches` -> packs built by DataLoader
+workers with `processor.concatenate_packs`) and how a forward's output becomes per-image results
+(`processor.unpack`, then the mean over patches). Every image <-> pack fact comes from the image processor: this
+module must not compute grids, patch counts or boundaries itself, nor write files.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass, field
+from typing import Any, Callable, Optional
+
+import torch
+
+from .. import repo_code
+from ..compat import dtype_kwarg
+from .inputs import ImageId, Source, error_text, is_bad_image_error
+from .options import DTYPES, UsageError
+from .packing import plan_batches
+
+logger = logging.getLogger(__name__)
+
+# What the extractor asks of an image processor (a --trust-remote-code repo may ship an older one).
+PROCESSOR_METHODS = ("patch_grid", "max_patches_per_image", "concatenate_packs", "unpack")
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Model and processor
+# --------------------------------------------------------------------------------------------------------------
+def _repo_classes() -> tuple[Any, Any]:
+    """This repo's model and processor classes (no code is fetched or run from --model)."""
+    missing = [name for name in repo_code.REMOTE_CODE_FILES if not (repo_code.REPO_ROOT / name).is_file()]
+    if missing:
+        raise UsageError(
+            f"the model code ({', '.join(repo_code.REMOTE_CODE_FILES)}) is not next to the siglip_navit_tools package "
+            f"({repo_code.REPO_ROOT}); run from the repo, or pass --trust-remote-code to run the code of --model's repo"
+        )
+    return repo_code.modeling().SiglipVisionModel, repo_code.image_processing().SiglipNaViTImageProcessor
+
+
+def load_model_and_processor(
+    model_id: str,
+    device: torch.device,
+    *,
+    dtype: str = "float32",
+    attn_implementation: str = "sdpa",
+    revision: Optional[str] = None,
+    trust_remote_code: bool = False,
+) -> tuple[torch.nn.Module, Any]:
+    """The model (in eval mode, on `device`) and its image processor. Default: this repo's code with `model_id`'s
+    config and weights; `trust_remote_code`: the code in `model_id`'s own repo, through the Auto classes."""
+    hub = {"revision": revision} if revision else {}
+    model_kwargs = {"attn_implementation": attn_implementation, dtype_kwarg(): DTYPES[dtype], **hub}
+    try:
+        if trust_remote_code:
+            from transformers import AutoImageProcessor, AutoModel
+
+            model = AutoModel.from_pretrained(model_id, trust_remote_code=True, **model_kwargs)
+            processor = AutoImageProcessor.from_pretrained(model_id, trust_remote_code=True, **hub)
+        else:
+            model_class, processor_class = _repo_classes()
+            model = model_class.from_pretrained(model_id, **model_kwargs)
+            processor = processor_class.from_pretrained(model_id, **hub)
+    except (OSError, ValueError) as exc:
+        raise UsageError(f"--model {model_id!r} could not be loaded: {exc}") from exc
+    missing = [name for name in PROCESSOR_METHODS if not hasattr(processor, name)]
+    if missing:
+        raise UsageError(
+            f"--model {model_id!r}: its image processor ({type(processor).__name__}) lacks {missing}; with "
+            "--trust-remote-code the repo's code must be this version's (or run without --trust-remote-code)"
+        )
+    return model.to(device).eval(), processor
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Decoding + preprocessing (runs in DataLoader workers)
+# --------------------------------------------------------------------------------------------------------------
+class BatchLoader(torch.utils.data.Dataset):
+    """Item b = forward b of a shard: its images decoded and preprocessed one at a time (only the small patch
+    tensors are kept, never all full-size decodes at once), then joined into one pack. Images that cannot be used
+    are reported back as (id, error) and left out of the pack."""
+
+    def __init__(self, source: Source, processor: Any, batches: list[list[ImageId]]):
+        self.source, self.processor, self.batches = source, processor, batches
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+    def __getitem__(self, b: int) -> dict:
+        packs, ids, errors = [], [], []
+        for image_id in self.batches[b]:
+            try:
+                packs.append(self.processor(images=self.source.load(image_id)))
+                ids.append(image_id)
+            except Exception as exc:
+                if not is_bad_image_error(exc):
+                    raise
+                errors.append((image_id, error_text(exc)))
+        pack = dict(self.processor.concatenate_packs(packs)) if packs else None
+        return {"pack": pack, "ids": ids, "errors": errors}
+
+
+def _identity(item: Any) -> Any:
+    return item
+
+
+@dataclass
+class RankStats:
+    """What one rank did in this run."""
+
+    images: int = 0
+    skipped: int = 0
+    patches: int = 0
+    forwards: int = 0
+    largest_forward: int = 0
+    shards_written: int = 0
+    shards_resumed: int = 0
+    seconds: float = 0.0
+    skipped_ids: list = field(default_factory=list)
+
+
+class ShardJob:
+    """Shard `k`, planned and started: each image's patch count read from its header (no decoding), the images
+    grouped first-fit-decreasing into forwards, and a DataLoader iterator whose workers already decode them.
+
+    Creating the next shard's job while the current shard's last forward runs (asynchronously, on a GPU) keeps
+    the model fed across shard boundaries."""
+
+    def __init__(
+        self,
+        k: int,
+        shard_ids: list[ImageId],
+        source: Source,
+        processor: Any,
+        budget: int,
+        num_workers: int,
+        device: torch.device,
+        progress: Any,
+    ):
+        self.k, self.shard_ids, self.progress = k, shard_ids, progress
+        self.skipped: list[dict] = []
+        self.batches = self._plan(source, processor, budget)
+        loader = torch.utils.data.DataLoader(
+            BatchLoader(source, processor, self.batches),
+            batch_size=None,
+            num_workers=num_workers,
+            collate_fn=_identity,
+            pin_memory=device.type == "cuda",
+        )
+        self.items = iter(loader)  # with workers: they start decoding now
+
+    def _plan(self, source: Source, processor: Any, budget: int) -> list[list[ImageId]]:
+        """The shard's forwards (lists of ids); images whose header cannot be read are skipped here."""
+        sized_ids, lengths = [], []
+        for image_id in self.shard_ids:
+            try:
+                grid = processor.patch_grid(*source.size(image_id))
+            except Exception as exc:
+                if not is_bad_image_error(exc):
+                    raise
+                self.skip(image_id, error_text(exc))
+                continue
+            patches = math.prod(grid)
+            if patches > budget:  # only possible with do_resize=False (the run checks the budget otherwise)
+                self.skip(image_id, f"{grid[0]}x{grid[1]} = {patches} patches, more than --max-patches-per-batch")
+                continue
+            sized_ids.append(image_id)
+            lengths.append(patches)
+        return [[sized_ids[i] for i in batch] for batch in plan_batches(lengths, budget)]
+
+    def skip(self, image_id: ImageId, error: str) -> None:
+        logger.warning("skipping image %r: %s", image_id, error)
+        self.skipped.append({"id": image_id, "error": error})
+        self.progress.update(1)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Encoding
+# --------------------------------------------------------------------------------------------------------------
+def _forward(model: Any, processor: Any, pack: dict, device: torch.device) -> tuple[torch.Tensor, list]:
+    """One packed forward -> (pooled (k, C) float32, the k (h, w, C) maps), both still on `device` (on a GPU the
+    work is only queued: nothing here waits for it)."""
+    inputs = {k: (v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v) for k, v in pack.items()}
+    hidden = model(**inputs).last_hidden_state
+    # the grid from the host copy of the pack: reading the device copy would wait for the forward
+    maps = processor.unpack(hidden, pack["image_grid_hw"])
+    pooled = torch.stack([fmap.flatten(0, 1).float().mean(0) for fmap in maps])  # deterministic, unlike atomics
+    return pooled, maps
+
+
+def _shard_tensors(results: dict, ids: list[ImageId], hidden_size: int, save_grids: bool) -> dict[str, torch.Tensor]:
+    """A shard file's tensors, in `ids` order."""
+    tensors = {
+        "pooled": torch.stack([results[i][0] for i in ids]) if ids else torch.zeros(0, hidden_size),
+        "grid_hw": torch.tensor([results[i][1] for i in ids], dtype=torch.int64).reshape(-1, 2),
+    }
+    if save_grids:
+        for j, image_id in enumerate(ids):
+            tensors[f"features.{j}"] = results[image_id][2].contiguous()
+    return tensors
+
+
+def encode_shard(
+    job: ShardJob,
+    model: Any,
+    processor: Any,
+    device: torch.device,
+    stats: RankStats,
+    *,
+    save_grids: bool = False,
+    on_last_forward: Callable[[], None] = lambda: None,
+) -> tuple[dict[str, torch.Tensor], list, list]:
+    """Encode one shard's forwards; call `on_last_forward` once the last forward is queued (before waiting for
+    it). Returns (tensors, ids, skipped), in the shard's input order."""
+    results: dict[ImageId, tuple[torch.Tensor, tuple[int, int], Optional[torch.Tensor]]] = {}
+    if not job.batches:
+        on_last_forward()
+    with torch.inference_mode():
+        for index, item in enumerate(job.items):
+            for image_id, error in item["errors"]:
+                job.skip(image_id, error)
+            pack = item["pack"]
+            if pack is not None:
+                pooled, maps = _forward(model, processor, pack, device)
+            if index == len(job.batches) - 1:
+                on_last_forward()  # on a GPU the forward is still running: plan and start the next shard meanwhile
+            if pack is None:
+                continue
+            pooled = pooled.cpu()
+            for j, image_id in enumerate(item["ids"]):
+                results[image_id] = (pooled[j], tuple(maps[j].shape[:2]), maps[j].cpu() if save_grids else None)
+            patches = pack["packed_pixel_values"].shape[0]
+            stats.forwards += 1
+            stats.patches += patches
+            stats.largest_forward = max(stats.largest_forward, patches)
+            job.progress.update(len(item["ids"]))
+
+    ids = [image_id for image_id in job.shard_ids if image_id in results]  # back to input order
+    stats.images += len(ids)
+    stats.skipped += len(job.skipped)
+    order = {image_id: n for n, image_id in enumerate(job.shard_ids)}
+    skipped = sorted(job.skipped, key=lambda entry: order[entry["id"]])
+    return _shard_tensors(results, ids, model.config.hidden_size, save_grids), ids, skipped
