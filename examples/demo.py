@@ -1,6 +1,6 @@
 """Quickstart demo: build a local checkpoint, load it the Hub way, encode a pack of differently sized images.
 
-    .venv/bin/python examples/demo.py [--layers 2] [--rope]
+    .venv/bin/python examples/demo.py [--layers 2] [--rope] [--save DIR]
 
 1. Builds a checkpoint folder (code + config + random weights + processor config) with the real so400m width
    (BAGEL-7B-MoT's config.json; fewer layers by default so the demo takes seconds on a CPU). With real weights
@@ -8,6 +8,9 @@
 2. Loads it with AutoModel / AutoImageProcessor and trust_remote_code=True, as a Hub user does.
 3. Encodes three images of different sizes in ONE forward, unpacks one feature map per image, and checks
    that the packed result equals running each image on its own.
+
+With `--save DIR` the checkpoint is written to DIR and kept: a tiny, ready-to-load repo for offline first steps
+(`AutoModel.from_pretrained(DIR, trust_remote_code=True)`; random weights, so its features mean nothing).
 """
 
 import argparse
@@ -20,8 +23,10 @@ import torch
 from PIL import Image
 from transformers import AutoConfig, AutoImageProcessor, AutoModel
 
-ROOT = Path(__file__).resolve().parents[1]
-DTYPE_KWARG = "dtype" if int(__import__("transformers").__version__.split(".")[0]) >= 5 else "torch_dtype"
+from siglip_navit_tools import repo_code
+from siglip_navit_tools.testing import dtype_kwarg, saved_repo
+
+DTYPE_KWARG = dtype_kwarg()
 
 
 def synthetic_image(width: int, height: int, seed: int) -> Image.Image:
@@ -34,23 +39,23 @@ def synthetic_image(width: int, height: int, seed: int) -> Image.Image:
 
 
 def build_checkpoint(target: Path, layers: int, rope: bool) -> None:
-    config = AutoConfig.from_pretrained(ROOT, trust_remote_code=True)  # the root's BAGEL-7B-MoT template
+    config = AutoConfig.from_pretrained(repo_code.REPO_ROOT, trust_remote_code=True)  # the BAGEL-7B-MoT template
     config.num_hidden_layers = layers
     config.rope = rope
-    torch.manual_seed(0)
-    model = AutoModel.from_config(config, trust_remote_code=True)
-    model.save_pretrained(target)  # writes config.json, model.safetensors and the remote-code .py files
-    AutoImageProcessor.from_pretrained(ROOT, trust_remote_code=True).save_pretrained(target)
+    saved_repo(target, config)  # random weights + remote code + the processor settings that fit the config
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--layers", type=int, default=2, help="encoder layers (BAGEL: 26)")
     parser.add_argument("--rope", action="store_true", help="2D RoPE instead of the learned position table")
+    parser.add_argument("--save", metavar="DIR", type=Path, help="write the checkpoint to DIR and keep it")
     args = parser.parse_args(argv)
+    if args.save is not None and args.save.exists() and (not args.save.is_dir() or any(args.save.iterdir())):
+        parser.error(f"--save {args.save}: exists and is not an empty folder; choose a new one")
 
     with tempfile.TemporaryDirectory() as tmp:
-        repo = Path(tmp) / "siglip-navit-demo"
+        repo = args.save.resolve() if args.save is not None else Path(tmp) / "siglip-navit-demo"
         build_checkpoint(repo, args.layers, args.rope)
         print(f"checkpoint: {sorted(p.name for p in repo.iterdir())}")
 
@@ -75,6 +80,8 @@ def main(argv=None) -> int:
                       f"packed vs alone max|diff| = {diff:.2e}")
         ok = worst <= 1e-5
         print(f"packed == per-image: {ok} (max|diff| {worst:.2e}, bound 1e-5)")
+        if args.save is not None:
+            print(f"saved: {repo} (load it with AutoModel.from_pretrained({str(repo)!r}, trust_remote_code=True))")
         return 0 if ok else 1
 
 
