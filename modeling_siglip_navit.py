@@ -71,11 +71,8 @@ class RotaryEmbedding2D(nn.Module):
         self.max_h = max_h
         self.max_w = max_w
         self.base = base
-        cos_h, sin_h, cos_w, sin_w = self._compute_tables()
-        self.register_buffer("cos_h", cos_h, persistent=False)
-        self.register_buffer("sin_h", sin_h, persistent=False)
-        self.register_buffer("cos_w", cos_w, persistent=False)
-        self.register_buffer("sin_w", sin_w, persistent=False)
+        for name, table in zip(_ROPE_TABLES, self._compute_tables()):
+            self.register_buffer(name, table, persistent=False)
 
     def _compute_tables(self, device: Optional[torch.device] = None) -> tuple[torch.Tensor, ...]:
         exponents = torch.arange(0, self.dim, 2, dtype=torch.int64, device=device).float() / self.dim
@@ -153,6 +150,33 @@ class PackedSequences:
     kernel: str  # "eager" | "sdpa" | "varlen" | "flash_attention_2"
 
 
+def check_attn_implementation(name: Optional[str], requested: Optional[str] = None, at_load: bool = False) -> None:
+    """ValueError unless `name` is a backend we run (None: the default, sdpa). `requested`: what the user asked
+    for, when transformers turned it into `name`. `at_load`: flash_attention_2 also needs flash-attn importable
+    (its CUDA device is checked at the forward: the model may be moved there after loading)."""
+    if not (name is None or (isinstance(name, str) and name in SUPPORTED_ATTN_IMPLEMENTATIONS)):
+        via = f" (transformers chose it for {requested!r})" if requested not in (None, name) else ""
+        raise ValueError(
+            f"Unsupported attn_implementation {name!r}{via} for SigLIP-NaViT; supported: "
+            f"{', '.join(repr(n) for n in SUPPORTED_ATTN_IMPLEMENTATIONS)}."
+        )
+    if at_load and name == "flash_attention_2" and flash_attn_varlen_func is None:
+        raise ValueError(
+            "attn_implementation='flash_attention_2' needs the `flash-attn` package (not importable here) and a "
+            "CUDA device. Install flash-attn on a CUDA machine, or use attn_implementation='sdpa' (default) or 'eager'."
+        )
+
+
+def check_output_attentions(attn_implementation: Optional[str]) -> None:
+    """`output_attentions=True` needs the eager kernel: sdpa and flash never materialise the probabilities."""
+    if attn_implementation != "eager":
+        raise ValueError(
+            f"output_attentions=True needs attn_implementation='eager', but this model runs "
+            f"{attn_implementation or 'sdpa'!r}, whose kernels never form the attention probabilities. Load it with "
+            "`from_pretrained(..., attn_implementation=\"eager\")` (or from_config) to get the attention maps."
+        )
+
+
 def _flash_attn_available(device: torch.device) -> bool:
     """flash-attn is importable and the activations live on a CUDA device."""
     return flash_attn_varlen_func is not None and device.type == "cuda"
@@ -185,10 +209,22 @@ def select_attention_kernel(
                 "Install flash-attn on a CUDA machine, or use attn_implementation='sdpa' (default) or 'eager'."
             )
         return "flash_attention_2"
-    raise ValueError(
-        f"Unsupported attn_implementation {impl!r} for SigLIP-NaViT; supported: "
-        f"{', '.join(repr(name) for name in SUPPORTED_ATTN_IMPLEMENTATIONS)}."
-    )
+    check_attn_implementation(impl)
+    raise AssertionError(impl)  # unreachable: check_attn_implementation raised
+
+
+def eager_attention(
+    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scale: float, dropout: float = 0.0
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """softmax(QK^T * scale) V on `(..., n, head_dim)` inputs -> (output, probabilities `(..., n, n)`).
+
+    As transformers' SigLIP `eager_attention_forward`: softmax in float32, cast back, dropout when `dropout > 0`
+    (the returned probabilities are the ones used, after dropout).
+    """
+    weights = torch.matmul(query, key.transpose(-1, -2)) * scale
+    weights = F.softmax(weights, dim=-1, dtype=torch.float32).to(query.dtype)
+    weights = F.dropout(weights, p=dropout, training=dropout > 0.0)
+    return torch.matmul(weights, value), weights
 
 
 def packed_attention(
@@ -198,8 +234,12 @@ def packed_attention(
     packed: PackedSequences,
     scale: float,
     dropout: float = 0.0,
+    attention_maps: Optional[list[torch.Tensor]] = None,
 ) -> torch.Tensor:
-    """Variable-length, non-causal attention over a pack. q/k/v and the result are `(total, heads, head_dim)`."""
+    """Variable-length, non-causal attention over a pack. q/k/v and the result are `(total, heads, head_dim)`.
+
+    `attention_maps` (eager kernel only): a list that receives each image's `(heads, n_i, n_i)` probabilities.
+    """
     if packed.kernel == "flash_attention_2":
         # flash-attn runs in half precision only: like upstream BAGEL, fp32 activations go through bf16.
         kernel_dtype = query.dtype if query.dtype in (torch.float16, torch.bfloat16) else torch.bfloat16
@@ -236,10 +276,9 @@ def packed_attention(
         if packed.kernel == "sdpa":
             out = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, scale=scale)
         else:  # eager
-            weights = torch.matmul(q, k.transpose(-1, -2)) * scale
-            weights = F.softmax(weights, dim=-1, dtype=torch.float32).to(q.dtype)
-            weights = F.dropout(weights, p=dropout, training=dropout > 0.0)
-            out = torch.matmul(weights, v)
+            out, weights = eager_attention(q, k, v, scale, dropout)
+            if attention_maps is not None:
+                attention_maps.extend(weights.unbind(0))  # (count, heads, n, n) -> one (heads, n, n) per image
         out = out.transpose(1, 2)  # (count, length, heads, head_dim)
         if output is None:
             return out.reshape(query.shape)  # a view when the kernel wrote (count, length, heads, d) memory
@@ -259,6 +298,156 @@ _INDEX_DTYPES = frozenset(
 def _is_integer_dtype(dtype: torch.dtype) -> bool:
     """A whole-byte integer dtype, signed or unsigned."""
     return dtype in _INDEX_DTYPES
+
+
+def _check_pixels(config: SiglipNaViTConfig, x: torch.Tensor, model_weight: torch.Tensor) -> int:
+    """Free checks of `packed_pixel_values` (type, rank, dtype, shape, device); returns the number of patches."""
+    patch_dim = config.num_channels * config.patch_size**2
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"`packed_pixel_values` must be a torch.Tensor, got {type(x).__name__}.")
+    if x.dim() != 2 or x.shape[-1] != patch_dim:
+        raise ValueError(
+            f"`packed_pixel_values` must have shape (total_patches, num_channels * patch_size**2) = (N, {patch_dim}) "
+            f"(patches already flattened, channel fastest); got shape {tuple(x.shape)}."
+        )
+    if not x.is_floating_point():
+        raise TypeError(
+            f"`packed_pixel_values` must be a floating-point tensor (normalised pixels), got dtype {x.dtype}."
+        )
+    if x.shape[0] == 0:
+        raise ValueError("`packed_pixel_values` is an empty pack (0 patches): pass at least one image.")
+    if model_weight.device.type != "meta" and x.device != model_weight.device:
+        raise ValueError(
+            f"`packed_pixel_values` is on {x.device} but the model is on {model_weight.device}: "
+            "move the inputs first (e.g. `inputs.to(model.device)`)."
+        )
+    return x.shape[0]
+
+
+def _index_tensor(name: str, value, ndim: int, device: torch.device) -> torch.Tensor:
+    """An integer index tensor of rank `ndim`, widened to int64 on `device` (once per forward)."""
+    # Any integer dtype is accepted: torch indexes only with int64/int32 (uint8 would even act as a boolean mask),
+    # and no id of a valid pack needs more than 63 bits.
+    if not isinstance(value, torch.Tensor):
+        raise TypeError(f"`{name}` must be a torch.Tensor of integers, got {type(value).__name__}.")
+    if value.dim() != ndim or not _is_integer_dtype(value.dtype):
+        raise TypeError(
+            f"`{name}` must be a {ndim}-D integer tensor, got a {value.dim()}-D tensor of dtype {value.dtype}."
+        )
+    return value.to(device=device, dtype=torch.int64)
+
+
+def _check_index_shapes(
+    total: int, position_ids, cu_seqlens, max_seqlen, image_grid_hw, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
+    """Free checks of the index arguments; returns position ids, cu_seqlens and the grid, as int64 on `device`."""
+    position_ids = _index_tensor("packed_flattened_position_ids", position_ids, 1, device)
+    if position_ids.shape[0] != total:
+        raise ValueError(
+            f"`packed_flattened_position_ids` must hold one id per patch: got {position_ids.shape[0]} ids "
+            f"for {total} patches."
+        )
+    cu = _index_tensor("cu_seqlens", cu_seqlens, 1, device)
+    if cu.shape[0] < 2:
+        raise ValueError(f"`cu_seqlens` must be [0, n1, n1+n2, ...] with at least 2 entries, got {cu.tolist()}.")
+    num_images = cu.shape[0] - 1
+    if isinstance(max_seqlen, torch.Tensor):
+        if max_seqlen.numel() != 1 or not _is_integer_dtype(max_seqlen.dtype):
+            raise TypeError(
+                f"`max_seqlen` must be an int or a 0-d integer tensor, got a tensor of shape "
+                f"{tuple(max_seqlen.shape)} and dtype {max_seqlen.dtype}."
+            )
+    elif not isinstance(max_seqlen, int) or isinstance(max_seqlen, bool):
+        raise TypeError(f"`max_seqlen` must be an int or a 0-d integer tensor, got {type(max_seqlen).__name__}.")
+    if image_grid_hw is not None:
+        image_grid_hw = _index_tensor("image_grid_hw", image_grid_hw, 2, device)
+        if image_grid_hw.shape != (num_images, 2):
+            raise ValueError(
+                f"`image_grid_hw` must have shape (num_images, 2) = ({num_images}, 2) to match cu_seqlens, "
+                f"got {tuple(image_grid_hw.shape)}."
+            )
+    return position_ids, cu, image_grid_hw
+
+
+@dataclass
+class _HostValues:
+    """The index values the checks and the per-image kernels need, read in ONE device->host transfer."""
+
+    bounds: list[int]  # cu_seqlens
+    lengths: list[int]  # patches per image
+    max_seqlen: Optional[int] = None  # only when validating
+    position_range: Optional[tuple[int, int]] = None  # (min, max) of the position ids, only when validating
+    grid: Optional[list[tuple[int, int]]] = None  # image_grid_hw rows, only when validating and given
+
+
+def _read_host_values(cu, position_ids, max_seqlen, image_grid_hw, validate_inputs: bool) -> _HostValues:
+    parts = [cu]
+    if validate_inputs:
+        parts.append(torch.stack(torch.aminmax(position_ids)))
+        if isinstance(max_seqlen, torch.Tensor):
+            parts.append(max_seqlen.reshape(1).to(device=cu.device, dtype=torch.int64))
+        if image_grid_hw is not None:
+            parts.append(image_grid_hw.reshape(-1))
+    host = torch.cat(parts).tolist()
+    num_images = cu.shape[0] - 1
+    bounds, host = host[: num_images + 1], host[num_images + 1 :]
+    values = _HostValues(bounds, [end - start for start, end in zip(bounds[:-1], bounds[1:])])
+    if validate_inputs:
+        values.position_range, host = (host[0], host[1]), host[2:]
+        values.max_seqlen = max_seqlen
+        if isinstance(max_seqlen, torch.Tensor):
+            values.max_seqlen, host = host[0], host[1:]
+        if image_grid_hw is not None:
+            values.grid = list(zip(host[0::2], host[1::2]))
+    return values
+
+
+def _check_pack_values(config: SiglipNaViTConfig, values: _HostValues, total: int) -> None:
+    """The value checks: cu_seqlens monotone and ending at `total`, max_seqlen, position-id range, grid agreement."""
+    bounds, lengths = values.bounds, values.lengths
+    if bounds[0] != 0:
+        raise ValueError(f"`cu_seqlens` must start at 0, got {bounds[:8]}...")
+    if any(n < 0 for n in lengths):
+        raise ValueError(f"`cu_seqlens` must be non-decreasing (cumulative patch counts), got {bounds}.")
+    if any(n == 0 for n in lengths):
+        raise ValueError(f"`cu_seqlens` has an empty image (two equal entries), got {bounds}.")
+    if bounds[-1] != total:
+        raise ValueError(
+            f"`cu_seqlens` must end at the number of patches ({total}), got {bounds[-1]} (cu_seqlens = {bounds})."
+        )
+    if values.max_seqlen < max(lengths):
+        raise ValueError(
+            f"`max_seqlen` ({values.max_seqlen}) is below the longest image in the pack ({max(lengths)} patches)."
+        )
+    num_positions = config.num_patches_per_side**2
+    pos_min, pos_max = values.position_range
+    if pos_min < 0 or pos_max >= num_positions:
+        raise ValueError(
+            f"`packed_flattened_position_ids` must lie in [0, {num_positions}) "
+            f"((image_size // patch_size)**2 grid cells), got values in [{pos_min}, {pos_max}]."
+        )
+    side = config.num_patches_per_side
+    for i, ((h, w), n) in enumerate(zip(values.grid or [], lengths)):
+        if h * w != n:
+            raise ValueError(
+                f"`image_grid_hw[{i}]` = ({h}, {w}) gives {h * w} patches but cu_seqlens gives image {i} {n} patches."
+            )
+        if not (1 <= h <= side and 1 <= w <= side):
+            raise ValueError(
+                f"`image_grid_hw[{i}]` = ({h}, {w}) is outside the model's {side}x{side} patch grid "
+                f"(image_size // patch_size per side)."
+            )
+
+
+def _runs_of_equal_lengths(bounds: list[int], lengths: list[int]) -> list[tuple[int, int, int]]:
+    """`(start, length, count)`: neighbouring images of equal length merged into one run."""
+    runs = []
+    for start, length in zip(bounds[:-1], lengths):
+        if runs and runs[-1][1] == length:
+            runs[-1] = (runs[-1][0], length, runs[-1][2] + 1)
+        else:
+            runs.append((start, length, 1))
+    return runs
 
 
 def prepare_packed_sequences(
@@ -283,132 +472,21 @@ def prepare_packed_sequences(
     Returns the `PackedSequences` and the position ids moved to the pixels' device.
     """
     x = packed_pixel_values
-    num_positions = config.num_patches_per_side**2
-    patch_dim = config.num_channels * config.patch_size**2
-
-    # --- free checks: types, ranks, dtypes, shapes --------------------------------------------------------
-    if not isinstance(x, torch.Tensor):
-        raise TypeError(f"`packed_pixel_values` must be a torch.Tensor, got {type(x).__name__}.")
-    if x.dim() != 2 or x.shape[-1] != patch_dim:
-        raise ValueError(
-            f"`packed_pixel_values` must have shape (total_patches, num_channels * patch_size**2) = (N, {patch_dim}) "
-            f"(patches already flattened, channel fastest); got shape {tuple(x.shape)}."
-        )
-    if not x.is_floating_point():
-        raise TypeError(
-            f"`packed_pixel_values` must be a floating-point tensor (normalised pixels), got dtype {x.dtype}."
-        )
-    total = x.shape[0]
-    if total == 0:
-        raise ValueError("`packed_pixel_values` is an empty pack (0 patches): pass at least one image.")
-    if model_weight.device.type != "meta" and x.device != model_weight.device:
-        raise ValueError(
-            f"`packed_pixel_values` is on {x.device} but the model is on {model_weight.device}: "
-            "move the inputs first (e.g. `inputs.to(model.device)`)."
-        )
+    total = _check_pixels(config, x, model_weight)
     kernel = select_attention_kernel(config._attn_implementation, x.device, model_weight.dtype, dropout)
-
-    def _index_tensor(name: str, value, ndim: int) -> torch.Tensor:
-        # Any integer dtype is accepted and widened to int64 here, once per forward: torch indexes only with
-        # int64/int32 (uint8 would even act as a boolean mask), and no id of a valid pack needs more than 63 bits.
-        if not isinstance(value, torch.Tensor):
-            raise TypeError(f"`{name}` must be a torch.Tensor of integers, got {type(value).__name__}.")
-        if value.dim() != ndim or not _is_integer_dtype(value.dtype):
-            raise TypeError(
-                f"`{name}` must be a {ndim}-D integer tensor, got a {value.dim()}-D tensor of dtype {value.dtype}."
-            )
-        return value.to(device=x.device, dtype=torch.int64)
-
-    position_ids = _index_tensor("packed_flattened_position_ids", packed_flattened_position_ids, 1)
-    if position_ids.shape[0] != total:
-        raise ValueError(
-            f"`packed_flattened_position_ids` must hold one id per patch: got {position_ids.shape[0]} ids "
-            f"for {total} patches."
-        )
-    cu = _index_tensor("cu_seqlens", cu_seqlens, 1)
-    if cu.shape[0] < 2:
-        raise ValueError(f"`cu_seqlens` must be [0, n1, n1+n2, ...] with at least 2 entries, got {cu.tolist()}.")
-    num_images = cu.shape[0] - 1
-    if isinstance(max_seqlen, torch.Tensor):
-        if max_seqlen.numel() != 1 or not _is_integer_dtype(max_seqlen.dtype):
-            raise TypeError(
-                f"`max_seqlen` must be an int or a 0-d integer tensor, got a tensor of shape "
-                f"{tuple(max_seqlen.shape)} and dtype {max_seqlen.dtype}."
-            )
-    elif not isinstance(max_seqlen, int) or isinstance(max_seqlen, bool):
-        raise TypeError(f"`max_seqlen` must be an int or a 0-d integer tensor, got {type(max_seqlen).__name__}.")
-    if image_grid_hw is not None:
-        image_grid_hw = _index_tensor("image_grid_hw", image_grid_hw, 2)
-        if image_grid_hw.shape != (num_images, 2):
-            raise ValueError(
-                f"`image_grid_hw` must have shape (num_images, 2) = ({num_images}, 2) to match cu_seqlens, "
-                f"got {tuple(image_grid_hw.shape)}."
-            )
-
+    position_ids, cu, image_grid_hw = _check_index_shapes(
+        total, packed_flattened_position_ids, cu_seqlens, max_seqlen, image_grid_hw, x.device
+    )
     need_host_bounds = kernel in ("eager", "sdpa")
     if not (validate_inputs or need_host_bounds):
         max_len = int(max_seqlen)  # a tensor here costs one sync: flash/varlen take a host int
         return PackedSequences(cu.to(torch.int32), max_len, None, kernel), position_ids
 
-    # --- value checks: one device->host transfer of every index we need ---------------------------------
-    parts = [cu]
+    values = _read_host_values(cu, position_ids, max_seqlen, image_grid_hw, validate_inputs)
     if validate_inputs:
-        parts.append(torch.stack(torch.aminmax(position_ids)))
-        if isinstance(max_seqlen, torch.Tensor):
-            parts.append(max_seqlen.reshape(1).to(device=x.device, dtype=torch.int64))
-        if image_grid_hw is not None:
-            parts.append(image_grid_hw.reshape(-1))
-    host = torch.cat(parts).tolist()
-    bounds_list, host = host[: num_images + 1], host[num_images + 1 :]
-    lengths = [end - start for start, end in zip(bounds_list[:-1], bounds_list[1:])]
-
-    if validate_inputs:
-        pos_min, pos_max, host = host[0], host[1], host[2:]
-        if isinstance(max_seqlen, torch.Tensor):
-            max_seqlen, host = host[0], host[1:]
-        if bounds_list[0] != 0:
-            raise ValueError(f"`cu_seqlens` must start at 0, got {bounds_list[:8]}...")
-        if any(n < 0 for n in lengths):
-            raise ValueError(f"`cu_seqlens` must be non-decreasing (cumulative patch counts), got {bounds_list}.")
-        if any(n == 0 for n in lengths):
-            raise ValueError(f"`cu_seqlens` has an empty image (two equal entries), got {bounds_list}.")
-        if bounds_list[-1] != total:
-            raise ValueError(
-                f"`cu_seqlens` must end at the number of patches ({total}), got {bounds_list[-1]} "
-                f"(cu_seqlens = {bounds_list})."
-            )
-        if max_seqlen < max(lengths):
-            raise ValueError(
-                f"`max_seqlen` ({max_seqlen}) is below the longest image in the pack ({max(lengths)} patches)."
-            )
-        if pos_min < 0 or pos_max >= num_positions:
-            raise ValueError(
-                f"`packed_flattened_position_ids` must lie in [0, {num_positions}) "
-                f"((image_size // patch_size)**2 grid cells), got values in [{pos_min}, {pos_max}]."
-            )
-        if image_grid_hw is not None:
-            side = config.num_patches_per_side
-            grid = list(zip(host[0::2], host[1::2]))
-            for i, ((h, w), n) in enumerate(zip(grid, lengths)):
-                if h * w != n:
-                    raise ValueError(
-                        f"`image_grid_hw[{i}]` = ({h}, {w}) gives {h * w} patches but cu_seqlens gives image {i} "
-                        f"{n} patches."
-                    )
-                if not (1 <= h <= side and 1 <= w <= side):
-                    raise ValueError(
-                        f"`image_grid_hw[{i}]` = ({h}, {w}) is outside the model's {side}x{side} patch grid "
-                        f"(image_size // patch_size per side)."
-                    )
-
-    runs = None
-    if need_host_bounds:
-        runs = []
-        for start, length in zip(bounds_list[:-1], lengths):
-            if runs and runs[-1][1] == length:
-                runs[-1] = (runs[-1][0], length, runs[-1][2] + 1)
-            else:
-                runs.append((start, length, 1))
+        _check_pack_values(config, values, total)
+        max_seqlen = values.max_seqlen
+    runs = _runs_of_equal_lengths(values.bounds, values.lengths) if need_host_bounds else None
     return PackedSequences(cu.to(torch.int32), int(max_seqlen), runs, kernel), position_ids
 
 
@@ -520,7 +598,9 @@ class SiglipAttention(nn.Module):
         hidden_states: torch.Tensor,
         packed: PackedSequences,
         position_embeddings: Optional[tuple[torch.Tensor, torch.Tensor]] = None,
-    ) -> torch.Tensor:
+        output_attentions: bool = False,
+    ) -> tuple[torch.Tensor, Optional[list[torch.Tensor]]]:
+        """-> (output `(total, hidden)`, one `(heads, n_i, n_i)` map per image when `output_attentions`, else None)."""
         total = hidden_states.shape[0]
         shape = (total, self.num_heads, self.head_dim)
         query = self.q_proj(hidden_states).view(shape)
@@ -536,8 +616,9 @@ class SiglipAttention(nn.Module):
             query, key = query.view(shape), key.view(shape)
 
         dropout = self.dropout if self.training else 0.0
-        attn_output = packed_attention(query, key, value, packed, scale=self.scale, dropout=dropout)
-        return self.out_proj(attn_output.reshape(total, self.embed_dim))
+        maps = [] if output_attentions else None
+        attn_output = packed_attention(query, key, value, packed, self.scale, dropout, attention_maps=maps)
+        return self.out_proj(attn_output.reshape(total, self.embed_dim)), maps
 
 
 # Upstream's name for the packed flash-attention subclass. Here one class serves every backend (chosen by
@@ -574,16 +655,18 @@ class SiglipEncoderLayer(nn.Module):
         hidden_states: torch.Tensor,
         packed: PackedSequences,
         position_embeddings: Optional[tuple[torch.Tensor, torch.Tensor]] = None,
-    ) -> torch.Tensor:
+        output_attentions: bool = False,
+    ) -> tuple[torch.Tensor, Optional[list[torch.Tensor]]]:
+        """-> (output `(total, hidden)`, the per-image attention maps when `output_attentions`, else None)."""
         residual = hidden_states
         hidden_states = self.layer_norm1(hidden_states)
-        hidden_states = self.self_attn(hidden_states, packed, position_embeddings)
+        hidden_states, attn_weights = self.self_attn(hidden_states, packed, position_embeddings, output_attentions)
         hidden_states = residual + hidden_states
 
         residual = hidden_states
         hidden_states = self.layer_norm2(hidden_states)
         hidden_states = self.mlp(hidden_states)
-        return residual + hidden_states
+        return residual + hidden_states, attn_weights
 
 
 class SiglipEncoder(nn.Module):
@@ -601,20 +684,26 @@ class SiglipEncoder(nn.Module):
         packed: PackedSequences,
         position_embeddings: Optional[tuple[torch.Tensor, torch.Tensor]] = None,
         output_hidden_states: bool = False,
+        output_attentions: bool = False,
     ) -> BaseModelOutput:
         hidden_states = inputs_embeds
         all_hidden_states = (hidden_states,) if output_hidden_states else None
+        all_attentions = () if output_attentions else None
         for layer in self.layers:
             if self.gradient_checkpointing and self.training:
                 # positional arguments only: reentrant checkpointing does not forward kwargs
-                hidden_states = self._gradient_checkpointing_func(
-                    layer.__call__, hidden_states, packed, position_embeddings
+                hidden_states, attn_weights = self._gradient_checkpointing_func(
+                    layer.__call__, hidden_states, packed, position_embeddings, output_attentions
                 )
             else:
-                hidden_states = layer(hidden_states, packed, position_embeddings)
+                hidden_states, attn_weights = layer(hidden_states, packed, position_embeddings, output_attentions)
             if output_hidden_states:
                 all_hidden_states = all_hidden_states + (hidden_states,)
-        return BaseModelOutput(last_hidden_state=hidden_states, hidden_states=all_hidden_states)
+            if output_attentions:
+                all_attentions = all_attentions + (attn_weights,)
+        return BaseModelOutput(
+            last_hidden_state=hidden_states, hidden_states=all_hidden_states, attentions=all_attentions
+        )
 
 
 class SiglipVisionTransformer(nn.Module):
@@ -642,6 +731,7 @@ class SiglipVisionTransformer(nn.Module):
         output_hidden_states: bool = False,
         return_dict: bool = False,
         validate_inputs: bool = True,
+        output_attentions: bool = False,
     ) -> Union[torch.Tensor, BaseModelOutput]:
         r"""
         packed_pixel_values (`torch.Tensor` of shape `(total_patches, num_channels * patch_size**2)`):
@@ -662,7 +752,11 @@ class SiglipVisionTransformer(nn.Module):
         return_dict (`bool`): return a `BaseModelOutput` instead of the bare `last_hidden_state`.
         validate_inputs (`bool`, defaults to `True`): check the index tensors' values; this reads them on the
             host (one device->host sync per forward on a GPU). Turn off for CUDA-graph / sync-free loops.
+        output_attentions (`bool`): also return every layer's per-image attention maps (eager attention only;
+            see `SiglipVisionModel.forward`). Needs `return_dict=True` to be returned.
         """
+        if output_attentions:
+            check_output_attentions(self.config._attn_implementation)
         packed, position_ids = prepare_packed_sequences(
             self.config,
             packed_pixel_values,
@@ -685,11 +779,17 @@ class SiglipVisionTransformer(nn.Module):
             cos = torch.stack([cos_h, cos_w], dim=1).to(dtype)
             sin = torch.stack([sin_h, sin_w], dim=1).to(dtype)
             position_embeddings = (cos, sin)
-        encoder_outputs = self.encoder(hidden_states, packed, position_embeddings, output_hidden_states)
+        encoder_outputs = self.encoder(
+            hidden_states, packed, position_embeddings, output_hidden_states, output_attentions
+        )
         last_hidden_state = self.post_layernorm(encoder_outputs.last_hidden_state)
         if not return_dict:
             return last_hidden_state
-        return BaseModelOutput(last_hidden_state=last_hidden_state, hidden_states=encoder_outputs.hidden_states)
+        return BaseModelOutput(
+            last_hidden_state=last_hidden_state,
+            hidden_states=encoder_outputs.hidden_states,
+            attentions=encoder_outputs.attentions,
+        )
 
 
 class SiglipPreTrainedModel(PreTrainedModel):
@@ -704,6 +804,24 @@ class SiglipPreTrainedModel(PreTrainedModel):
     _supports_flash_attn = True  # read by transformers 5.x
     # upstream BAGEL stored the RoPE tables persistently; they are recomputed here, never loaded
     _keys_to_ignore_on_load_unexpected = [r"rope\.(cos|sin)_[hw]$"]
+
+    # Backends we do not run are refused when the model is built, not at the first forward: transformers 5.x
+    # checks the choice in `_check_and_adjust_attn_implementation` (called by `__init__`, hence by from_pretrained
+    # and from_config), 4.49 in the classmethod `_autoset_attn_implementation` (called by from_pretrained,
+    # from_config and `__init__`). Each major never calls the other's hook.
+    def _check_and_adjust_attn_implementation(self, attn_implementation: Optional[str], *args, **kwargs) -> str:
+        check_attn_implementation(attn_implementation, at_load=True)
+        chosen = super()._check_and_adjust_attn_implementation(attn_implementation, *args, **kwargs)
+        check_attn_implementation(chosen, requested=attn_implementation)
+        return chosen
+
+    @classmethod
+    def _autoset_attn_implementation(cls, config: SiglipNaViTConfig, *args, **kwargs) -> SiglipNaViTConfig:
+        requested = config._attn_implementation_internal
+        check_attn_implementation(requested, at_load=True)
+        config = super()._autoset_attn_implementation(config, *args, **kwargs)
+        check_attn_implementation(config._attn_implementation, requested=requested)
+        return config
 
     def _init_weights(self, module: nn.Module) -> None:
         """Initialise one module's OWN parameters (transformers 5.x skips containers whose leaves are loaded)."""
@@ -725,6 +843,7 @@ class SiglipVisionModel(SiglipPreTrainedModel):
 
     def __init__(self, config: SiglipNaViTConfig):
         super().__init__(config)
+        check_attn_implementation(self.config._attn_implementation)  # also when transformers skipped its hook
         self.vision_model = SiglipVisionTransformer(config)
         # Released checkpoints store the Linear layout: convert before any weights are loaded.
         convert_conv2d_to_linear(self, config)
@@ -743,15 +862,26 @@ class SiglipVisionModel(SiglipPreTrainedModel):
         output_hidden_states: Optional[bool] = None,
         return_dict: Optional[bool] = None,
         validate_inputs: bool = True,
+        output_attentions: Optional[bool] = None,
     ) -> Union[BaseModelOutput, tuple]:
         r"""
-        Encode a pack of images. Arguments as in `SiglipVisionTransformer.forward` (the processor returns them).
+        Encode a pack of images. Arguments as in `SiglipVisionTransformer.forward` (the processor returns them);
+        `output_attentions` / `output_hidden_states` / `return_dict` default to the config's values.
 
         Returns a `BaseModelOutput`: `last_hidden_state` is `(total_patches, hidden_size)` after
         post-layernorm, packed like the input; `hidden_states` (if asked) holds `num_hidden_layers + 1` packed
         tensors (embeddings, then each layer's output). Upstream returned the bare tensor: BAGEL code that
         swaps this model in adds `.last_hidden_state`.
+
+        `attentions` (if `output_attentions`): a tuple with one entry per layer; each entry is a LIST with one
+        tensor per image, `attentions[layer][i]` of shape `(num_heads, n_i, n_i)` (n_i: image i's patches, in
+        its row-major patch order), the softmax probabilities the layer used (after attention dropout, as
+        transformers' eager attention). Unlike stock SigLIP's `(batch, heads, n, n)`, a pack holds images of
+        different lengths, so there is no batch tensor. Needs `attn_implementation="eager"`: with sdpa or
+        flash_attention_2 it is a ValueError saying so (their kernels never form the probabilities).
         """
+        if output_attentions is None:
+            output_attentions = bool(getattr(self.config, "output_attentions", False))
         if output_hidden_states is None:
             output_hidden_states = bool(getattr(self.config, "output_hidden_states", False))
         if return_dict is None:
@@ -765,6 +895,7 @@ class SiglipVisionModel(SiglipPreTrainedModel):
             output_hidden_states=output_hidden_states,
             return_dict=True,
             validate_inputs=validate_inputs,
+            output_attentions=output_attentions,
         )
         return outputs if return_dict else outputs.to_tuple()
 

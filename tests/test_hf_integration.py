@@ -283,6 +283,71 @@ def test_attn_implementation_argument(tmp_path):
         AutoModel.from_pretrained(target, trust_remote_code=True, attn_implementation="flash_attention_2")
 
 
+UNSUPPORTED_BACKENDS = ["paged|eager", "flex_attention", "kernels-community/flash-attn", "sdpa_paged", "Eager"]
+UNSUPPORTED_MESSAGE = r"Unsupported attn_implementation.*'eager', 'sdpa', 'flash_attention_2'"
+
+
+@pytest.mark.parametrize("name", UNSUPPORTED_BACKENDS)
+def test_unsupported_backends_are_refused_at_load_time(tmp_path, name):
+    config = tiny_config()
+    target = build_hub_dir(tmp_path, config, make_model(config))
+    with pytest.raises(ValueError, match=UNSUPPORTED_MESSAGE):
+        AutoModel.from_pretrained(target, trust_remote_code=True, attn_implementation=name)
+    with pytest.raises(ValueError, match=UNSUPPORTED_MESSAGE):
+        AutoModel.from_config(
+            AutoConfig.from_pretrained(target, trust_remote_code=True), trust_remote_code=True, attn_implementation=name
+        )
+    with pytest.raises(ValueError, match=UNSUPPORTED_MESSAGE):
+        model_mod.SiglipVisionModel.from_pretrained(target, attn_implementation=name)
+    with pytest.raises(ValueError, match=UNSUPPORTED_MESSAGE):
+        model_mod.SiglipVisionModel._from_config(tiny_config(), attn_implementation=name)
+    direct = tiny_config()
+    direct._attn_implementation = name
+    with pytest.raises(ValueError, match=UNSUPPORTED_MESSAGE):
+        model_mod.SiglipVisionModel(direct)
+
+
+def test_flash_attention_2_without_flash_attn_is_refused_at_load_time(tmp_path):
+    config = tiny_config()
+    target = build_hub_dir(tmp_path, config, make_model(config))
+    message = r"flash_attention_2.*needs the `flash-attn` package"
+    with pytest.raises(ValueError, match=message):
+        AutoModel.from_pretrained(target, trust_remote_code=True, attn_implementation="flash_attention_2")
+    with pytest.raises(ValueError, match=message):
+        AutoModel.from_config(
+            AutoConfig.from_pretrained(target, trust_remote_code=True),
+            trust_remote_code=True,
+            attn_implementation="flash_attention_2",
+        )
+
+
+@pytest.mark.parametrize("name", [None, "eager", "sdpa"])
+def test_supported_backends_still_load_everywhere(tmp_path, name):
+    config = tiny_config()
+    target = build_hub_dir(tmp_path, config, make_model(config))
+    kwargs = {} if name is None else {"attn_implementation": name}
+    expected = name or "sdpa"
+    loaded = AutoModel.from_pretrained(target, trust_remote_code=True, **kwargs)
+    assert loaded.config._attn_implementation == expected
+    built = AutoModel.from_config(AutoConfig.from_pretrained(target, trust_remote_code=True), trust_remote_code=True,
+                                  **kwargs)  # fmt: skip
+    assert built.config._attn_implementation == expected
+    direct = tiny_config()
+    if name is not None:
+        direct._attn_implementation = name
+    assert model_mod.SiglipVisionModel(direct).config._attn_implementation == expected
+
+
+def test_backend_set_after_loading_is_still_checked_at_the_forward(tmp_path):
+    """The load-time check does not replace the forward-time one: `config._attn_implementation` can change later."""
+    config = tiny_config()
+    target = build_hub_dir(tmp_path, config, make_model(config))
+    loaded = AutoModel.from_pretrained(target, trust_remote_code=True, attn_implementation="eager")
+    loaded.config._attn_implementation = "paged|eager"
+    with pytest.raises(ValueError, match=UNSUPPORTED_MESSAGE):
+        loaded(**make_pack(GRIDS, config))
+
+
 # ---- training-side integration --------------------------------------------------------------------------------
 
 

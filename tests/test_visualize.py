@@ -1,6 +1,7 @@
 """visualize.py: picture sizes for non-square inputs, PNG output, which position id is drawn in which patch, PCA
 separating two halves (robust scaling, dtype-aware "no variance"), the pack strip's segment boundaries and labels,
-exact recovery of the resized images, error messages, and the README figures (rebuilt and compared with docs/)."""
+exact recovery of the resized images, attention heat maps (hottest cell, marker), error messages, and the README
+figures (rebuilt and compared with docs/)."""
 
 import os
 import subprocess
@@ -11,7 +12,7 @@ import PIL.Image
 import PIL.ImageFont
 import pytest
 import torch
-from conftest import ROOT
+from conftest import ROOT, make_model, make_pack, tiny_config
 
 import visualize as vis
 from siglip_navit import image_processing_siglip_navit as ipm
@@ -460,3 +461,129 @@ def test_make_figures_script(tmp_path):
         stale = f"docs/{name} is out of date: rerun `python scripts/make_figures.py` and commit docs/*.png"
         assert new_px.shape == old_px.shape, f"{stale} (size {old_px.shape} -> {new_px.shape})"
         assert np.array_equal(new_px, old_px), f"{stale} ({(new_px != old_px).any(-1).sum()} pixels differ)"
+
+
+# ---- (d) attention maps --------------------------------------------------------------------------------------
+def fake_attentions(grids, heads=3, layers=2, seed=0):
+    """`output.attentions`-shaped maps: a tuple per layer of per-image (heads, n, n) softmax rows."""
+    gen = torch.Generator().manual_seed(seed)
+    return tuple(
+        [torch.softmax(3 * torch.randn(heads, h * w, h * w, generator=gen), dim=-1) for h, w in grids]
+        for _ in range(layers)
+    )
+
+
+def cell_centres(pic, grid, cell):
+    """Brightness (R + G + B) at the centre pixel of every cell, as an (h, w) array."""
+    a = np.asarray(pic).astype(int)
+    h, w = grid
+    return np.array([[a[i * cell + cell // 2, j * cell + cell // 2].sum() for j in range(w)] for i in range(h)])
+
+
+@pytest.mark.parametrize("grid", GRIDS)
+@pytest.mark.parametrize("scale", [1, 3])
+def test_attention_map_size_and_png(tmp_path, grid, scale):
+    h, w = grid
+    p = 14
+    attn = fake_attentions([(2, 2), grid])
+    path = tmp_path / "attn" / "map.png"
+    pic = vis.attention_map(grid_image(h, w, p), attn, patch=(h - 1, w - 1), image_index=1, scale=scale, save_to=path)
+    assert pic.mode == "RGB" and pic.size == (w * p * scale, h * p * scale)
+    assert reopen(path) == ("PNG", "RGB", pic.size)
+    explicit = vis.attention_map(grid_image(h, w, p), attn, (h - 1, w - 1), -1, 1, grid_hw=grid, scale=scale)
+    assert np.array_equal(np.asarray(explicit), np.asarray(pic))
+
+
+def test_attention_grid_values():
+    grid = (3, 5)
+    attn = fake_attentions([(2, 2), grid], heads=4)
+    probs = attn[0][1]
+    mean = vis.attention_grid(attn, grid, (1, 2), layer=0, image_index=1)
+    assert mean.shape == grid and mean.dtype == np.float64
+    np.testing.assert_allclose(mean.reshape(-1), probs[:, 1 * 5 + 2].double().mean(0).numpy(), rtol=0, atol=1e-12)
+    np.testing.assert_allclose(mean.sum(), 1.0, atol=1e-6)
+    one = vis.attention_grid(attn, grid, (1, 2), layer=0, image_index=1, head=2)
+    np.testing.assert_allclose(one.reshape(-1), probs[2, 7].double().numpy(), rtol=0, atol=1e-12)
+    last = vis.attention_grid(attn, grid, (0, 0), image_index=-1)  # Python indexing: last layer, last image
+    np.testing.assert_allclose(last.reshape(-1), attn[-1][1][:, 0].double().mean(0).numpy(), rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("head", [None, 0, 2])
+def test_attention_map_hottest_cell_and_marker(head):
+    grid, p, scale = (3, 5), 4, 4
+    cell = p * scale
+    attn = fake_attentions([grid], heads=3, seed=3)
+    grey = PIL.Image.new("RGB", (5 * p, 3 * p), (128, 128, 128))  # a flat image: only the heat map varies
+    patch = (2, 1)
+    pic = vis.attention_map(grey, attn, patch=patch, head=head, scale=scale)
+    values = vis.attention_grid(attn, grid, patch, head=head)
+    bright = cell_centres(pic, grid, cell)
+    # the hot scale's brightness rises strictly with the value: the brightest cell is the map's maximum and the
+    # order of all cells is the order of their attention
+    assert np.unravel_index(bright.argmax(), grid) == np.unravel_index(values.argmax(), grid)
+    order = np.argsort(values.reshape(-1), kind="stable")
+    assert (np.diff(bright.reshape(-1)[order]) >= 0).all()
+    # the query patch is outlined in MARKER, on all four sides; no other cell's corner is
+    a = np.asarray(pic)
+    top, left = patch[0] * cell, patch[1] * cell
+    for y, x in [(top, left), (top, left + cell - 1), (top + cell - 1, left), (top + cell - 1, left + cell - 1),
+                 (top, left + cell // 2), (top + cell // 2, left)]:  # fmt: skip
+        assert tuple(a[y, x]) == vis.MARKER, (y, x)
+    corners = [(i * cell, j * cell) for i in range(grid[0]) for j in range(grid[1]) if (i, j) != patch]
+    assert all(tuple(a[y, x]) != vis.MARKER for y, x in corners)
+    assert tuple(a[top + cell // 2, left + cell // 2]) != vis.MARKER  # the inside keeps its heat colour
+
+
+def test_attention_map_alpha_zero_is_the_image():
+    img = grid_image(3, 5, 4)
+    pic = vis.attention_map(img, fake_attentions([(3, 5)]), patch=(0, 0), alpha=0.0, scale=2)
+    base = np.asarray(img.resize(pic.size, PIL.Image.NEAREST))
+    marker = np.all(np.asarray(pic) == vis.MARKER, axis=-1)
+    assert marker[:8, :8].any() and not marker[8:, 8:].any()
+    assert np.array_equal(np.asarray(pic)[~marker], base[~marker])
+
+
+def test_attention_map_from_an_eager_model():
+    config = tiny_config(rope=True)
+    model = make_model(config, attn="eager")
+    grids = [(6, 6), (2, 5)]
+    pack = make_pack(grids, config)
+    with torch.no_grad():
+        out = model(**pack, output_attentions=True)
+    image = vis.resized_images(pack)[1]
+    pic = vis.attention_map(image, out, patch=(1, 4), image_index=1, head=1, scale=2)  # the output object works too
+    assert pic.size == (5 * 4 * 2, 2 * 4 * 2)
+    values = vis.attention_grid(out.attentions, grids[1], (1, 4), image_index=1, head=1)
+    np.testing.assert_allclose(values.reshape(-1), out.attentions[-1][1][1, 9].double().numpy(), atol=1e-12)
+
+
+def test_attention_map_errors_name_the_argument():
+    grid, p = (3, 5), 4
+    img = grid_image(*grid, p)
+    attn = fake_attentions([(2, 2), grid], heads=3, layers=2)
+    cases = [
+        (dict(patch=(3, 0)), r"`patch` must be a \(row, col\) pair of integers inside the 3x5 grid, got \(3, 0\)"),
+        (dict(patch=(0, 5)), r"`patch`.*3x5"),
+        (dict(patch=(-1, 0)), r"`patch`"),
+        (dict(patch=(0.0, 1)), r"`patch`"),
+        (dict(patch=5), r"`patch`"),
+        (dict(patch=(1, 1), layer=2), r"`layer` must be an integer in \[-2, 2\) \(2 layers\), got 2"),
+        (dict(patch=(1, 1), layer=-3), r"`layer`"),
+        (dict(patch=(1, 1), layer="last"), r"`layer`"),
+        (dict(patch=(1, 1), image_index=2), r"`image_index` must be an integer in \[-2, 2\) \(2 images in the pack\)"),
+        (dict(patch=(1, 1), head=3), r"`head` must be an integer in \[-3, 3\) \(3 heads\), got 3"),
+        (dict(patch=(1, 1), alpha=1.5), r"`alpha`"),
+        (dict(patch=(1, 1), scale=0), r"`scale`"),
+    ]
+    for kwargs, message in cases:
+        kwargs.setdefault("image_index", 1)
+        with pytest.raises(ValueError, match=message):
+            vis.attention_map(img, attn, **kwargs)
+    with pytest.raises(ValueError, match=r"`attentions` must be the model's `output.attentions`.*eager"):
+        vis.attention_map(img, None, patch=(0, 0))  # what sdpa would have given
+    with pytest.raises(ValueError, match=r"`image` is 20x12 \(WxH\), which is not a grid of 4 square patches"):
+        vis.attention_map(img, attn, patch=(0, 0), image_index=0)  # the 2x2 image's map over the 3x5 image
+    with pytest.raises(ValueError, match=r"covers 4 patches, not the 15 of `grid_hw`"):
+        vis.attention_grid(attn, grid, (0, 0), image_index=0)
+    with pytest.raises(ValueError, match=r"`attentions\[0\]\[0\]` must be a \(heads, n, n\) map"):
+        vis.attention_grid(([torch.zeros(4, 4)],), (2, 2), (0, 0), layer=0)
