@@ -5,8 +5,9 @@
     packing      plan_batches: the pure first-fit-decreasing packer
     inputs       --input -> ids, image sizes and decoded images (files, datasets); the bad-image policy
     pipeline     model + processor loading, the DataLoader of packs, the encode loop (processor.unpack)
-    shards       shard files, the manifest, the run's plan and fingerprint, the output lock
-    distributed  torchrun helpers (rank, device, collectives that are no-ops on one process)
+    shards       shard files, the manifest (rebuilt from the shards when lost), the run's plan and fingerprint
+    lock         the output lock (held by the main process alone: never by forked DataLoader workers)
+    distributed  torchrun helpers (rank, device, collectives that are no-ops on one process, shard claims)
     run          extract(options) -> summary: the steps above, in order
     cli          argparse -> ExtractOptions -> extract(), errors -> exit codes
 

@@ -14,7 +14,7 @@ from typing import Optional, Sequence
 
 from .. import cli
 from . import distributed
-from .options import ATTN_IMPLEMENTATIONS, DEFAULT_SHARD_SIZE, DTYPES, ExtractOptions
+from .options import ATTN_IMPLEMENTATIONS, DEFAULT_SHARD_SIZE, DTYPE_CHOICES, ExtractOptions
 from .run import extract
 
 PROG = "extract_features.py"
@@ -34,7 +34,9 @@ def build_parser() -> argparse.ArgumentParser:
     add("--output", required=True, help="output folder (manifest.json + shards)")
     add("--max-patches-per-batch", type=int, default=d.max_patches_per_batch, help="token budget of one forward")
     add("--save-grids", action="store_true", help="also save each image's (h, w, C) feature map")
-    add("--dtype", choices=sorted(DTYPES), default=d.dtype, help="model dtype")
+    add("--dtype", choices=list(DTYPE_CHOICES), default=d.dtype,
+        help="model dtype; auto: bfloat16 on CUDA (if supported) and on CPUs with native bf16 (AMX / AVX512_BF16), "
+        "float32 elsewhere (the choice is logged and recorded in the manifest)")  # fmt: skip
     add("--device", default=d.device, help="default: cuda:LOCAL_RANK when CUDA is available, else cpu")
     add("--attn-implementation", default=d.attn_implementation, choices=list(ATTN_IMPLEMENTATIONS))
     add("--shard-size", type=int, default=d.shard_size,

@@ -91,6 +91,44 @@ def barrier(world_size: int) -> None:
         dist.barrier()
 
 
+def _shared_store(timeout_minutes: float) -> Any:
+    """The key-value store every rank already reaches: the one the process group was initialised with (under
+    torchrun, the TCPStore of torchrun's own rendezvous). `_get_default_store` has been there, unchanged, since torch
+    1.x; should it go, a client of the TCPStore at MASTER_ADDR:MASTER_PORT (the same store under torchrun)."""
+    get = getattr(dist.distributed_c10d, "_get_default_store", None)
+    if get is not None:
+        try:
+            return get()
+        except (RuntimeError, ValueError, KeyError):
+            pass
+    return dist.TCPStore(
+        os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False,
+        timeout=timedelta(minutes=timeout_minutes),
+    )  # fmt: skip
+
+
+class Claims:
+    """Positions 0, 1, 2, ... of a list every rank holds identically, handed out in claim order: each position to
+    exactly one rank (an atomic `store.add` on one counter), until `total` are out. Keys live under `namespace`
+    (unique per run), so a rerun inside the same torchrun store never sees an old counter. In a world of one, a
+    local counter."""
+
+    def __init__(self, total: int, namespace: str, world_size: int, timeout_minutes: float = 30.0):
+        self.total = total
+        self.next_local = 0
+        self.store = None
+        if world_size > 1:
+            self.store = dist.PrefixStore(f"siglip_navit_extract/{namespace}/", _shared_store(timeout_minutes))
+
+    def claim(self) -> Optional[int]:
+        """The next unclaimed position, or None when every position is claimed."""
+        if self.store is None:
+            position, self.next_local = self.next_local, self.next_local + 1
+        else:
+            position = self.store.add("next", 1) - 1
+        return position if position < self.total else None
+
+
 def rank0_first(fn: Callable[[], Any], rank: int, world_size: int) -> Any:
     """Run `fn` on rank 0, then on the other ranks (they then find rank 0's downloads and caches); a ToolError on
     rank 0 is raised on every rank."""

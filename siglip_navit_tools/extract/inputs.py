@@ -2,8 +2,12 @@
 """What `--input` names: the list of image ids, each image's size (from its header alone) and its decoded pixels.
 
 Owns the sources (files: an id is the path as found; a `datasets` image column: an id is the row index), how a
-spec string is resolved to one, and the bad-image policy (which errors skip an image, which stop the run). Must not
-preprocess, pack or encode anything: the processor and the pipeline do.
+spec string is resolved to one, and the bad-image policy (which errors skip an image, which stop the run). Files are
+listed once per real file (the first spelling is the id; later spellings of the same file -- `d/./x.png`,
+`d/../d/x.png`, a symlink to it, a repeated list line -- are dropped and reported) and only regular files are ever
+opened: a FIFO, a socket, a device, a directory or a dangling symlink is skipped with its reason, never read (opening
+a FIFO blocks).
+Must not preprocess, pack or encode anything: the processor and the pipeline do.
 """
 
 from __future__ import annotations
@@ -13,10 +17,11 @@ import glob
 import io
 import logging
 import os
+import stat
 import struct
 import zlib
 from pathlib import Path
-from typing import Any, Optional, Union
+from typing import Any, BinaryIO, Optional, Union
 
 import PIL.Image
 
@@ -56,27 +61,84 @@ def error_text(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {exc}".strip()
 
 
+class NotAnImageFile(ValueError):
+    """The path names no regular file (a FIFO, socket, device, directory, or a dangling symlink): skipped unopened."""
+
+
+_FILE_KINDS = ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO"), (stat.S_ISSOCK, "a socket"),
+               (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"))  # fmt: skip
+
+
+def _not_regular(mode: int) -> Optional[str]:
+    """Why a file of this st_mode cannot be an image file, or None for a regular file."""
+    if stat.S_ISREG(mode):
+        return None
+    kind = next((name for test, name in _FILE_KINDS if test(mode)), f"file type {stat.S_IFMT(mode):o}")
+    return f"not a regular file ({kind})"
+
+
+def open_regular_file(path: str) -> BinaryIO:
+    """`path` opened for reading if it is a regular file (after following symlinks); else NotAnImageFile with the
+    reason. Never blocks: the type is checked before opening, and again on the opened descriptor (O_NONBLOCK, so a
+    FIFO swapped in between cannot hang the run)."""
+    try:
+        reason = _not_regular(os.stat(path).st_mode)
+    except FileNotFoundError:
+        if os.path.islink(path):
+            raise NotAnImageFile(f"dangling symlink (its target {os.readlink(path)!r} does not exist)") from None
+        raise
+    if reason is not None:
+        raise NotAnImageFile(reason)
+    f = open(path, "rb", opener=lambda name, flags: os.open(name, flags | getattr(os, "O_NONBLOCK", 0)))
+    try:
+        reason = _not_regular(os.fstat(f.fileno()).st_mode)
+    except BaseException:
+        f.close()
+        raise
+    if reason is not None:
+        f.close()
+        raise NotAnImageFile(reason)
+    return f  # named `path` (error messages name the file)
+
+
+def unique_files(paths: list[str]) -> tuple[list[str], list[dict]]:
+    """One path per real file, in the given order: the first spelling of a file is kept (it becomes the id); later
+    spellings of the same file (`./`, `..`, symlinks, repeated lines) are returned as {"id", "same_as"} entries."""
+    first: dict[str, str] = {}
+    kept, duplicates = [], []
+    for path in paths:
+        real = os.path.realpath(path)
+        if real in first:
+            duplicates.append({"id": path, "same_as": first[real]})
+        else:
+            first[real] = path
+            kept.append(path)
+    return kept, duplicates
+
+
 class FileSource:
-    """Image files; an image's id is its path as found. Images are read as stored (EXIF orientation is not applied),
-    exactly as `processor(Image.open(path))` and BAGEL read them."""
+    """Image files; an image's id is its path as found (the first spelling, see `unique_files`). Images are read as
+    stored (EXIF orientation is not applied), exactly as `processor(Image.open(path))` and BAGEL read them; only
+    regular files are opened (`open_regular_file`)."""
 
     kind = "files"
 
     def __init__(self, paths: list[str]):
-        seen: set = set()
-        for path in paths:
-            if path in seen:
-                raise UsageError(f"--input lists {path!r} twice; every image must appear once")
-            seen.add(path)
-        self.ids: list[ImageId] = paths
+        self.ids: list[ImageId]
+        self.ids, self.duplicates = unique_files(paths)
+        if self.duplicates:
+            logger.info(
+                "--input: %d path(s) name a file already listed under another spelling, encoded once (first: %r, same "
+                "file as %r)", len(self.duplicates), self.duplicates[0]["id"], self.duplicates[0]["same_as"],
+            )  # fmt: skip
         self.identity: dict = {"kind": "files"}  # the ids (paths) themselves are fingerprinted
 
     def size(self, image_id: ImageId) -> tuple[int, int]:
-        with PIL.Image.open(image_id) as image:
+        with open_regular_file(str(image_id)) as f, PIL.Image.open(f) as image:
             return image.size
 
     def load(self, image_id: ImageId) -> PIL.Image.Image:
-        with PIL.Image.open(image_id) as image:
+        with open_regular_file(str(image_id)) as f, PIL.Image.open(f) as image:
             image.load()  # decodes; the file is closed on leaving the block, the pixels stay
         return image
 
@@ -95,6 +157,7 @@ class DatasetSource:
         self.dataset = dataset.select_columns([column]).cast_column(column, datasets.Image(decode=False))
         self.decoder = datasets.Image()
         self.ids: list[ImageId] = list(range(len(dataset)))
+        self.duplicates: list[dict] = []
         # `_fingerprint` is datasets' own hash of the data (and of its transforms): a different dataset of the same
         # length must not pass for this one when a run resumes
         self.identity = {
@@ -108,6 +171,8 @@ class DatasetSource:
         value = self.dataset[int(image_id)][self.column]
         if value is None or (value.get("bytes") is None and not value.get("path")):
             raise ValueError(f"row {image_id}: column {self.column!r} holds no image")
+        if value.get("bytes") is None and os.path.lexists(value["path"]):  # a local file: never open a FIFO & co.
+            open_regular_file(value["path"]).close()
         return value
 
     def size(self, image_id: ImageId) -> tuple[int, int]:
@@ -180,19 +245,10 @@ def _dataset_source(
     )
 
 
-def _unique_files(paths: list[str]) -> list[str]:
-    """Sorted, one path per real file (a glob through a symlinked folder, or a link loop, finds files twice)."""
-    seen, out = set(), []
-    for path in sorted(paths):
-        real = os.path.realpath(path)
-        if real not in seen:
-            seen.add(real)
-            out.append(path)
-    return out
-
-
 def _folder_source(path: Path, spec: str) -> FileSource:
-    found = [p for p in path.rglob("*") if p.is_file()]
+    # every entry but folders: FIFOs, sockets, devices and dangling symlinks with an image name are listed, and then
+    # skipped with their reason (never opened); a folder is a container, not a file that should have been an image
+    found = [p for p in path.rglob("*") if not p.is_dir()]
     files = sorted(str(p) for p in found if p.suffix.lower() in IMAGE_EXTENSIONS)
     if len(files) < len(found):
         logger.info("--input folder: %d files without an image extension ignored", len(found) - len(files))
@@ -206,7 +262,10 @@ def _file_source(path: Path, spec: str) -> FileSource:
     if path.suffix.lower() not in LIST_EXTENSIONS:
         return FileSource([spec])
     try:
-        lines = [line.strip() for line in path.read_text().splitlines()]
+        with open_regular_file(spec) as f:
+            lines = [line.strip() for line in f.read().decode().splitlines()]
+    except NotAnImageFile as exc:
+        raise UsageError(f"--input list {spec!r}: {exc}; write the list to a regular file") from exc
     except UnicodeDecodeError as exc:
         raise UsageError(f"--input {spec!r}: a {path.suffix} file is read as a list of paths, and is not text") from exc
     files = [line for line in lines if line and not line.startswith("#")]
@@ -216,7 +275,7 @@ def _file_source(path: Path, spec: str) -> FileSource:
 
 
 def _glob_source(spec: str) -> FileSource:
-    files = _unique_files([p for p in glob.glob(spec, recursive=True) if os.path.isfile(p)])
+    files = sorted(p for p in glob.glob(spec, recursive=True) if not os.path.isdir(p))  # as a folder: see above
     if not files:
         raise UsageError(f"--input glob {spec!r} matches no files")
     return FileSource(files)
@@ -250,7 +309,7 @@ def resolve_input(
         return _dataset_source(datasets.load_from_disk(str(path)), spec, split, image_column, {})
     if path.is_dir():
         return _folder_source(path, spec)
-    if path.is_file():
+    if path.is_file() or os.path.lexists(spec):  # one image or a list; a FIFO & co. as one image: skipped unopened
         return _file_source(path, spec)
     if glob.has_magic(spec):
         return _glob_source(spec)

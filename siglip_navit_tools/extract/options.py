@@ -15,6 +15,7 @@ import torch
 from ..cli import ToolError
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DTYPE_CHOICES = (*sorted(DTYPES), "auto")  # auto: resolved per device at the start of a run (pipeline.resolve_dtype)
 ATTN_IMPLEMENTATIONS = ("sdpa", "flash_attention_2", "eager")
 DEFAULT_SHARD_SIZE = 256
 DEFAULT_MAX_PATCHES_PER_BATCH = 16384
@@ -40,7 +41,7 @@ class ExtractOptions:
     max_patches_per_batch: int = DEFAULT_MAX_PATCHES_PER_BATCH
     # also save each image's (h, w, C) feature map, in the model dtype
     save_grids: bool = False
-    # model dtype: a key of DTYPES
+    # model dtype: a key of DTYPES, or "auto" (bfloat16 on CUDA with bf16 and on CPUs with native bf16, else float32)
     dtype: str = "float32"
     # torch device; None: cuda:LOCAL_RANK when CUDA is available, else cpu
     device: Optional[str] = None
@@ -77,8 +78,8 @@ class ExtractOptions:
             raise UsageError(f"--shard-size must be a positive number of images, got {self.shard_size}")
         if self.num_workers < 0:
             raise UsageError(f"--num-workers must be 0 or more, got {self.num_workers}")
-        if self.dtype not in DTYPES:
-            raise UsageError(f"--dtype must be one of {sorted(DTYPES)}, got {self.dtype!r}")
+        if self.dtype not in DTYPE_CHOICES:
+            raise UsageError(f"--dtype must be one of {list(DTYPE_CHOICES)}, got {self.dtype!r}")
         if self.attn_implementation not in ATTN_IMPLEMENTATIONS:
             raise UsageError(
                 f"--attn-implementation must be one of {list(ATTN_IMPLEMENTATIONS)}, got {self.attn_implementation!r}"

@@ -16,7 +16,7 @@ from typing import Any, Callable, Optional
 
 import torch
 
-from .. import repo_code
+from .. import cpu, repo_code
 from ..compat import dtype_kwarg
 from .inputs import ImageId, Source, error_text, is_bad_image_error
 from .options import DTYPES, UsageError
@@ -40,6 +40,22 @@ def _repo_classes() -> tuple[Any, Any]:
             f"({repo_code.REPO_ROOT}); run from the repo, or pass --trust-remote-code to run the code of --model's repo"
         )
     return repo_code.modeling().SiglipVisionModel, repo_code.image_processing().SiglipNaViTImageProcessor
+
+
+def resolve_dtype(requested: str, device: torch.device) -> tuple[str, str]:
+    """`--dtype` -> (a key of DTYPES, one line saying why). "auto": bfloat16 on CUDA devices that support it and on
+    CPUs with native bf16 (AMX, AVX512_BF16), float32 elsewhere (bf16 is emulated, 4-5x slower, on AVX2-only CPUs)."""
+    if requested != "auto":
+        return requested, f"--dtype {requested}"
+    chosen = cpu.auto_dtype(device)
+    name = next(key for key, value in DTYPES.items() if value == chosen)
+    if device.type == "cuda":
+        why = "the CUDA device supports bf16" if chosen == torch.bfloat16 else "the CUDA device lacks bf16"
+    elif device.type == "cpu":
+        why = f"CPU: {cpu.bf16_support()}"
+    else:
+        why = f"{device.type} device"
+    return name, f"--dtype auto chose {name} on {device} ({why})"
 
 
 def load_model_and_processor(

@@ -2,18 +2,26 @@
 """`extract(options) -> summary`: one rank's run, as a sequence of small steps.
 
 Check the options -> join the torchrun world -> list the inputs (rank 0 first; every rank must see the same list)
--> load the model -> take the output folder (rank 0: lock + plan, shared with every rank) -> encode this rank's
-shards (k % world_size == rank), the next shard started during the current one's last forward -> gather the stats,
-write the final manifest, print the summary. Owns the order of the steps and the summary; must not hold the
-steps' own logic (inputs, pipeline, shards, distributed do) nor parse command lines.
+-> resolve --dtype (auto) -> load the model -> take the output folder (rank 0: lock, stale temporaries removed,
+plan, the list of unfinished shards and a run id, shared with every rank) -> encode shards as this rank claims them
+(dynamic: an atomic counter in torch.distributed's store hands each unfinished shard to exactly one rank; the next
+one is claimed and started during the current one's last forward) -> gather the stats, write the final manifest,
+print the summary. Owns the order of the steps and the summary; must not hold the steps' own logic (inputs,
+pipeline, shards, distributed do) nor parse command lines.
+
+Test hook (not a user option): SIGLIP_NAVIT_EXTRACT_TEST_SHARD_DELAY="RANK:SECONDS[,RANK:SECONDS...]" makes those
+ranks sleep that long before each shard they encode (tests slow one rank down to check the dynamic claiming).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
+import os
 import time
+import uuid
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Optional
@@ -23,7 +31,7 @@ import torch
 from . import distributed
 from .inputs import Source, resolve_input
 from .options import ExtractOptions, UsageError
-from .pipeline import RankStats, ShardJob, encode_shard, load_model_and_processor
+from .pipeline import RankStats, ShardJob, encode_shard, load_model_and_processor, resolve_dtype
 from .shards import (
     MANIFEST,
     ManifestWriter,
@@ -31,11 +39,14 @@ from .shards import (
     finished_shard,
     lock_output,
     make_plan,
+    remove_stale_temporaries,
     run_settings,
     shard_metadata,
     shard_name,
     write_shard,
 )
+
+TEST_DELAY_ENV = "SIGLIP_NAVIT_EXTRACT_TEST_SHARD_DELAY"
 
 logger = logging.getLogger(__name__)
 
@@ -53,19 +64,24 @@ def extract(options: ExtractOptions) -> dict:
     # load) happen once; the other ranks then read the caches
     source = distributed.rank0_first(lambda: _list_inputs(options), rank, size)
     _check_same_inputs(source, options.input, size)
+    options, dtype_choice = _resolve_dtype(options, world)
     model, processor = distributed.rank0_first(lambda: _load(options, world.device), rank, size)
     settings = run_settings(source.identity, model, processor, options.dtype, options.save_grids)
 
     taken = distributed.rank0_first(
         lambda: _take_output(output, source.ids, settings, options, size) if rank == 0 else None, rank, size
     )
-    plan: Plan = distributed.broadcast(taken[0] if taken else None, size)
-    lock = taken[1] if taken else None
+    plan, todo, run_id = distributed.broadcast(taken[:3] if taken else None, size)
+    lock = taken[3] if taken else None
     try:
-        manifest = ManifestWriter(output, plan, _header(options, source, model)) if rank == 0 else None
+        header = _header(options, source, model, dtype_choice)
+        manifest = ManifestWriter(output, plan, header) if rank == 0 else None
         if manifest is not None:
             manifest.write()
-        stats = _encode_shards(options, world, source, model, processor, plan, manifest)
+        claims = distributed.Claims(len(todo), run_id, size, options.dist_timeout_minutes)
+        stats = _encode_shards(options, world, source, model, processor, plan, todo, claims, manifest)
+        if rank == 0:
+            stats.shards_resumed = plan.num_shards - len(todo)
         summary = summarize(distributed.gather(asdict(stats), size), options.max_patches_per_batch, size)
         if manifest is not None:
             final = manifest.write(complete=True, summary=summary)
@@ -98,6 +114,18 @@ def _check_same_inputs(source: Source, spec: str, world_size: int) -> None:
         )
 
 
+def _resolve_dtype(options: ExtractOptions, world: distributed.World) -> tuple[ExtractOptions, str]:
+    """`--dtype auto` -> the dtype every rank uses (ranks that would choose differently all use float32), logged; the
+    options from here on carry the resolved name (the fingerprint and the manifest record it, never "auto")."""
+    name, why = resolve_dtype(options.dtype, world.device)
+    choices = distributed.gather(name, world.size)
+    if len(set(choices)) > 1:
+        name, why = "float32", f"--dtype auto: the ranks' devices differ ({sorted(set(choices))}), all use float32"
+    if options.dtype == "auto":
+        logger.info("%s", why)
+    return dataclasses.replace(options, dtype=name), why
+
+
 def _load(options: ExtractOptions, device: torch.device) -> tuple[Any, Any]:
     """The model and processor, checked against the token budget."""
     model, processor = load_model_and_processor(
@@ -117,13 +145,15 @@ def _load(options: ExtractOptions, device: torch.device) -> tuple[Any, Any]:
     return model, processor
 
 
-def _header(options: ExtractOptions, source: Source, model: Any) -> dict:
+def _header(options: ExtractOptions, source: Source, model: Any, dtype_choice: str) -> dict:
     """The manifest's description of the run (beside the plan and the shards)."""
     return {
         "model": options.model,
         "input": options.input,
         "input_kind": source.kind,
         "dtype": options.dtype,
+        "dtype_choice": dtype_choice,
+        "duplicates": source.duplicates,
         "save_grids": options.save_grids,
         "hidden_size": model.config.hidden_size,
         "tensors": {
@@ -135,11 +165,16 @@ def _header(options: ExtractOptions, source: Source, model: Any) -> dict:
 
 
 def _take_output(output: Path, ids: list, settings: dict, options: ExtractOptions, world_size: int) -> tuple:
-    """Rank 0: create and lock the output folder, then read (resume) or make the plan. Returns (plan, lock)."""
+    """Rank 0: create and lock the output folder, remove killed runs' temporaries, read (resume) or make the plan,
+    list the unfinished shards (the order every rank claims them in) and name the run (its claim counter's
+    namespace). Returns (plan, unfinished shards, run id, lock)."""
     output.mkdir(parents=True, exist_ok=True)
     lock = lock_output(output)
     try:
-        return make_plan(output, ids, settings, options.shard_size, world_size, options.overwrite), lock
+        remove_stale_temporaries(output)
+        plan = make_plan(output, ids, settings, options.shard_size, world_size, options.overwrite)
+        todo = [k for k in range(plan.num_shards) if finished_shard(output, plan, k) is None]
+        return plan, todo, uuid.uuid4().hex, lock
     except BaseException:
         lock.release()
         raise
@@ -154,6 +189,15 @@ def _progress_bar(total: int, rank: int, enabled: bool) -> Any:
     )  # fmt: skip
 
 
+def _test_delay(rank: int) -> float:
+    """Seconds this rank sleeps before each shard (the TEST_DELAY_ENV test hook; 0 without it)."""
+    for item in filter(None, os.environ.get(TEST_DELAY_ENV, "").split(",")):
+        who, seconds = item.split(":")
+        if int(who) == rank:
+            return float(seconds)
+    return 0.0
+
+
 def _encode_shards(
     options: ExtractOptions,
     world: distributed.World,
@@ -161,35 +205,42 @@ def _encode_shards(
     model: Any,
     processor: Any,
     plan: Plan,
+    todo: list[int],
+    claims: distributed.Claims,
     manifest: Optional[ManifestWriter],
 ) -> RankStats:
-    """Encode and write this rank's unfinished shards (k % world_size == rank); keeps rank 0's manifest current."""
+    """Encode and write the unfinished shards this rank claims (`todo[claims.claim()]`, until none is left); keeps
+    rank 0's manifest current."""
     from tqdm.contrib.logging import logging_redirect_tqdm
 
     stats = RankStats()
-    mine = range(world.rank, plan.num_shards, world.size)
-    todo = [k for k in mine if finished_shard(Path(options.output), plan, k) is None]
-    stats.shards_resumed = len(mine) - len(todo)
-    progress = _progress_bar(sum(len(plan.shard_ids(source.ids, k)) for k in todo), world.rank, options.progress)
-    jobs: dict[int, ShardJob] = {}  # at most two: the shard being encoded, the next one (started early)
+    progress = _progress_bar(0, world.rank, options.progress)  # its total grows as shards are claimed
+    delay = _test_delay(world.rank)
+    pending: list[ShardJob] = []  # at most one: the next shard, claimed and started during the current one
 
-    def start_job(position: int) -> None:
-        if position < len(todo) and position not in jobs:
+    def claim_and_start() -> None:
+        position = claims.claim()
+        if position is not None:
             k = todo[position]
-            jobs[position] = ShardJob(
-                k, plan.shard_ids(source.ids, k), source, processor, options.max_patches_per_batch,
-                options.num_workers, world.device, progress,
-            )  # fmt: skip
+            shard_ids = plan.shard_ids(source.ids, k)
+            progress.total += len(shard_ids)
+            progress.refresh()
+            pending.append(ShardJob(
+                k, shard_ids, source, processor, options.max_patches_per_batch, options.num_workers, world.device,
+                progress,
+            ))  # fmt: skip
 
     start = time.perf_counter()
     try:
         with logging_redirect_tqdm():
-            for position in range(len(todo)):
-                start_job(position)
-                job = jobs.pop(position)
+            claim_and_start()
+            while pending:
+                job = pending.pop()
+                if delay:
+                    time.sleep(delay)
                 tensors, ids, skipped = encode_shard(
                     job, model, processor, world.device, stats, save_grids=options.save_grids,
-                    on_last_forward=lambda: start_job(position + 1),
+                    on_last_forward=claim_and_start,
                 )  # fmt: skip
                 write_shard(Path(options.output) / shard_name(job.k, plan.num_shards), tensors,
                             shard_metadata(plan, ids, skipped))  # fmt: skip
@@ -228,6 +279,7 @@ def summarize(all_stats: list[dict], budget: int, world_size: int) -> dict:
         "packing_efficiency": patches / (forwards * budget) if forwards else None,
         "shards_written": sum(s["shards_written"] for s in all_stats),
         "shards_resumed": sum(s["shards_resumed"] for s in all_stats),
+        "shards_per_rank": [s["shards_written"] for s in all_stats],
         "seconds": seconds,
         "images_per_second": images / seconds if seconds > 0 and images else None,
     }

@@ -1,10 +1,12 @@
 # Copyright 2026 The siglip-navit authors. Licensed under the Apache License, Version 2.0.
-"""The output folder: shard files, manifest.json, the run's plan and fingerprint, and the lock.
+"""The output folder: shard files, manifest.json, the run's plan and fingerprint (the lock is in `lock`).
 
 Owns the on-disk format (`FORMAT`; shard names, their metadata, the manifest's keys), what makes two runs "the same
-run" (the fingerprint: ids, input identity, weights checksum, config, processor settings, dtype, --save-grids),
-and resuming (a shard file exists only once complete: `finished_shard`). Files are replaced with the tools' ONE
-atomic scheme (`siglip_navit_tools.io.atomic`). Must not load models, read images or talk to other ranks.
+run" (the fingerprint: ids, input identity, weights checksum, config, processor settings, resolved dtype,
+--save-grids), and resuming (a shard file exists only once complete: `finished_shard`). The shard files are the ground
+truth: each carries the fingerprint, its ids and the plan, so a missing, empty or corrupt manifest is rebuilt from them
+(`make_plan`), and temporaries of killed runs are removed while the lock is held. Files are replaced with the tools'
+ONE atomic scheme (`siglip_navit_tools.io.atomic`). Must not load models, read images or talk to other ranks.
 """
 
 from __future__ import annotations
@@ -13,22 +15,24 @@ import hashlib
 import json
 import logging
 import math
+import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
-import filelock
 import torch
 
 from ..io import atomic
+from .lock import LOCK, OutputLock, lock_output  # noqa: F401 - the lock is part of the folder's format
 from .options import DEFAULT_SHARD_SIZE, UsageError
 
 logger = logging.getLogger(__name__)
 
 FORMAT = "siglip-navit-features/1"
 MANIFEST = "manifest.json"
-LOCK = ".lock"
+SHARD_GLOB = "shard-*-of-*.safetensors"
+_SHARD_NAME = re.compile(r"shard-(\d+)-of-(\d+)\.safetensors")
 _VOLATILE_KEYS = ("transformers_version", "torch_dtype", "dtype", "architectures", "auto_map")
 
 
@@ -88,60 +92,171 @@ def _fingerprint(ids: list, settings: dict) -> str:
     return digest.hexdigest()[:32]
 
 
-def _resumable_plan(output: Path, fingerprint: str, shard_size: Optional[int], overwrite: bool) -> Optional[Plan]:
-    """The plan of the run whose manifest is in `output` if it is this run (resume); else clear its shards (with
-    `overwrite`) or refuse."""
-    manifest_path = output / MANIFEST
+class _Manifest:
+    """What `output/manifest.json` is: `data` when it is a usable manifest of ours; else `problem` says why not
+    (missing, empty, not JSON, incomplete) and `foreign` whether it is another program's file."""
+
+    def __init__(self, output: Path):
+        self.data: Optional[dict] = None
+        self.problem: Optional[str] = None
+        self.foreign = False
+        path = output / MANIFEST
+        if not path.exists():
+            self.problem = "is missing"
+            return
+        try:
+            text = path.read_bytes().decode()
+            if not text.strip():
+                raise ValueError("the file is empty")
+            old = json.loads(text)
+        except ValueError as exc:  # UnicodeDecodeError and json.JSONDecodeError are ValueErrors
+            self.problem = f"is corrupt ({exc})"
+            return
+        if not isinstance(old, dict) or old.get("format") != FORMAT:
+            self.foreign = True
+            self.problem = f"format {old.get('format') if isinstance(old, dict) else None!r}"
+            return
+        missing = [key for key in ("fingerprint", "num_inputs", "shard_size", "num_shards") if key not in old]
+        if missing:
+            self.problem = f"is corrupt (no {', '.join(missing)})"
+            return
+        self.data = old
+
+
+def _clear_output(output: Path) -> None:
+    """--overwrite: every shard file and the manifest go (whatever run they belong to)."""
+    for path in output.glob(SHARD_GLOB):
+        path.unlink(missing_ok=True)
+    (output / MANIFEST).unlink(missing_ok=True)
+
+
+def _shard_metadata_on_disk(path: Path) -> Optional[dict]:
+    """A shard file's safetensors metadata, or None when the file cannot be read (damaged: it is encoded again)."""
+    from safetensors import safe_open
+
     try:
-        old = json.loads(manifest_path.read_text())
-        if old.get("format") != FORMAT:
-            raise ValueError(f"format {old.get('format')!r}")
-    except Exception as exc:
-        raise UsageError(f"--output {str(output)!r} holds a manifest.json this script did not write ({exc})") from exc
-    if old["fingerprint"] == fingerprint and not overwrite:
-        if shard_size is not None and shard_size != old["shard_size"]:
-            logger.warning("resuming with the first run's --shard-size %d (not %d)", old["shard_size"], shard_size)
-        return Plan(fingerprint, old["num_inputs"], old["shard_size"], old["num_shards"])
-    if not overwrite:
-        raise UsageError(
-            f"--output {str(output)!r} holds features of a different run (other inputs, model or settings); "
-            "use a new --output folder, or --overwrite to replace them"
-        )
-    for k in range(old.get("num_shards", 0)):
-        (output / shard_name(k, old["num_shards"])).unlink(missing_ok=True)
-    manifest_path.unlink()
-    return None
+        with safe_open(str(path), framework="pt") as f:
+            return f.metadata() or {}
+    except Exception:
+        return None
 
 
-def _clear_orphan_shards(output: Path, overwrite: bool) -> None:
-    """Shard files without a manifest: removed with `overwrite`, else the run is refused."""
-    leftovers = sorted(p.name for p in output.glob("shard-*-of-*.safetensors"))
-    if leftovers and not overwrite:
+def _plan_of_shards(found: dict[int, dict], num_shards: int, ids: list, fingerprint: str) -> Optional[Plan]:
+    """The plan that the shard files `found` ({k: metadata}, all of this run) were written under, or None when they
+    fit no plan. Shards written since the `plan` metadata key exist say it; older ones are measured: a shard other
+    than the last holds exactly `shard_size` inputs (encoded + skipped)."""
+    n = len(ids)
+    sizes = set()
+    for k, meta in found.items():
+        count = len(json.loads(meta["ids"])) + len(json.loads(meta["skipped"]))
+        if "plan" in meta:
+            sizes.add(json.loads(meta["plan"])["shard_size"])
+        elif k < num_shards - 1:
+            sizes.add(count)
+        elif num_shards > 1:
+            sizes.add((n - count) // (num_shards - 1))
+        else:
+            sizes.add(max(count, 1))
+    if len(sizes) != 1:
+        return None
+    size = sizes.pop()
+    if size <= 0:
+        return None
+    plan = Plan(fingerprint, n, size, math.ceil(n / size) if n else 0)
+    for k, meta in found.items():
+        held = json.loads(meta["ids"]) + [entry["id"] for entry in json.loads(meta["skipped"])]
+        if plan.num_shards != num_shards or sorted(map(str, held)) != sorted(map(str, plan.shard_ids(ids, k))):
+            return None
+    return plan
+
+
+def _recover_plan(output: Path, ids: list, fingerprint: str, problem: str) -> Optional[Plan]:
+    """No usable manifest: the shard files are the ground truth. Their plan when they are this run's (resume);
+    None when there are none (a fresh start); UsageError when they are another run's (or fit no plan)."""
+    found: dict[int, dict] = {}
+    names: dict[int, set] = {}
+    others = []
+    for path in sorted(output.glob(SHARD_GLOB)):
+        name = _SHARD_NAME.fullmatch(path.name)
+        if name is None:
+            continue
+        meta = _shard_metadata_on_disk(path)
+        if meta is None:
+            logger.warning("%s is unreadable (damaged?): it is not a finished shard", path)
+            continue
+        k, num_shards = int(name[1]), int(name[2])
+        if meta.get("fingerprint") != fingerprint or "ids" not in meta or "skipped" not in meta:
+            others.append(path.name)
+            continue
+        found[k] = meta
+        names.setdefault(num_shards, set()).add(k)
+    where = f"--output {str(output)!r}"
+    if others:
+        what = "no manifest.json" if problem == "is missing" else f"a manifest.json that {problem}"
         raise UsageError(
-            f"--output {str(output)!r} holds shard files but no manifest.json ({leftovers[0]}, ...); "
+            f"{where} holds shard files but {what}, and the shard files are of a different run ({others[0]}, ...); "
             "use a new --output folder, or --overwrite to replace them"
         )
-    for name in leftovers:
-        (output / name).unlink()
+    if not found:
+        if problem != "is missing":
+            logger.warning("%s: manifest.json %s and no shard file of this run is there: starting afresh", where,
+                           problem)  # fmt: skip
+        return None
+    plan = _plan_of_shards(found, next(iter(names)), ids, fingerprint) if len(names) == 1 else None
+    if plan is None:
+        raise UsageError(
+            f"{where}: manifest.json {problem} and the shard files fit no plan of this run; use --overwrite"
+        )
+    logger.warning(
+        "%s: manifest.json %s; rebuilt from the %d shard file(s) of this run on disk (the shard files are the ground "
+        "truth)", where, problem, len(found),
+    )  # fmt: skip
+    return plan
 
 
 def make_plan(
     output: Path, ids: list, settings: dict, shard_size: Optional[int], world_size: int, overwrite: bool
 ) -> Plan:
-    """Rank 0: the run's plan -- read from an existing manifest (resume) or made new. Raises UsageError when the
-    folder holds a different run's results."""
+    """Rank 0 (holding the lock): the run's plan -- read from the manifest or, when that is missing or corrupt, from
+    the shard files (resume), or made new. Raises UsageError when the folder holds a different run's results (unless
+    `overwrite`, which clears them)."""
     fingerprint = _fingerprint(ids, settings)
-    if (output / MANIFEST).exists():
-        plan = _resumable_plan(output, fingerprint, shard_size, overwrite)
-        if plan is not None:
-            return plan
+    manifest = _Manifest(output)
+    where = f"--output {str(output)!r}"
+    plan = None
+    if overwrite:
+        _clear_output(output)
+    elif manifest.data is not None:
+        old = manifest.data
+        if old["fingerprint"] != fingerprint:
+            raise UsageError(
+                f"{where} holds features of a different run (other inputs, model or settings); "
+                "use a new --output folder, or --overwrite to replace them"
+            )
+        plan = Plan(fingerprint, old["num_inputs"], old["shard_size"], old["num_shards"])
+    elif manifest.foreign:
+        raise UsageError(f"{where} holds a manifest.json this script did not write ({manifest.problem}); use a new "
+                         "--output folder, or --overwrite to replace it")  # fmt: skip
     else:
-        _clear_orphan_shards(output, overwrite)
-    for stale in output.glob(f".shard-*.safetensors{atomic.TMP_MARK}*"):  # left by a process killed with SIGKILL
-        stale.unlink(missing_ok=True)
+        plan = _recover_plan(output, ids, fingerprint, manifest.problem)
+    if plan is not None:
+        if shard_size is not None and shard_size != plan.shard_size:
+            logger.warning("resuming with the first run's --shard-size %d (not %d)", plan.shard_size, shard_size)
+        return plan
     if shard_size is None:  # balanced over the ranks, at most DEFAULT_SHARD_SIZE images per shard
         shard_size = max(1, min(DEFAULT_SHARD_SIZE, math.ceil(len(ids) / world_size)))
     return Plan(fingerprint, len(ids), shard_size, math.ceil(len(ids) / shard_size))
+
+
+def remove_stale_temporaries(output: Path) -> list[str]:
+    """Remove the temporaries (`.shard-*.tmp-*`, `.manifest.json.tmp-*`) that killed runs (SIGKILL, power loss) left
+    in `output`. Only while holding the output's lock: then no live run is writing them. Returns their names."""
+    stale = [*output.glob(f".shard-*.safetensors{atomic.TMP_MARK}*"), *output.glob(f".{MANIFEST}{atomic.TMP_MARK}*")]
+    for path in stale:
+        path.unlink(missing_ok=True)
+    if stale:
+        logger.info("--output: removed %d temporary file(s) left by an interrupted run", len(stale))
+    return sorted(path.name for path in stale)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -165,8 +280,11 @@ def finished_shard(output: Path, plan: Plan, k: int) -> Optional[dict]:
 
 
 def shard_metadata(plan: Plan, ids: list, skipped: list) -> dict[str, str]:
-    """A shard file's safetensors metadata (what `finished_shard` reads back)."""
-    return {"format": FORMAT, "fingerprint": plan.fingerprint, "ids": json.dumps(ids), "skipped": json.dumps(skipped)}
+    """A shard file's safetensors metadata (what `finished_shard` reads back): with the plan, a shard file alone says
+    which run and which slice of the inputs it holds, so a lost manifest is rebuilt from the shards."""
+    layout = {"num_inputs": plan.num_inputs, "shard_size": plan.shard_size, "num_shards": plan.num_shards}
+    return {"format": FORMAT, "fingerprint": plan.fingerprint, "ids": json.dumps(ids), "skipped": json.dumps(skipped),
+            "plan": json.dumps(layout)}  # fmt: skip
 
 
 def write_shard(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
@@ -180,18 +298,6 @@ def write_shard(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str
         atomic.replace_file(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
-
-
-def lock_output(output: Path) -> filelock.BaseFileLock:
-    """Rank 0 holds an exclusive lock on `output` for the whole run: a second run into the same folder is refused
-    instead of deleting the first one's temporary files. `filelock` takes a non-blocking flock on `output/.lock` (the
-    file stays); the kernel releases it when the process exits, however it exits."""
-    lock = filelock.FileLock(str(output / LOCK), thread_local=False)
-    try:
-        lock.acquire(blocking=False)
-    except filelock.Timeout as exc:
-        raise UsageError(f"--output {str(output)!r} is in use by another extract_features.py run") from exc
-    return lock
 
 
 # --------------------------------------------------------------------------------------------------------------
