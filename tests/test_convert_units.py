@@ -217,3 +217,53 @@ def test_parse_size(text, size):
 def test_parse_size_errors_name_the_flag(text):
     with pytest.raises(ConversionError, match="--read-chunk-size"):
         parse_size(text, "--read-chunk-size")
+
+
+# ---- issue 12: bounds, containment, pieces ------------------------------------------------------------------
+@pytest.mark.parametrize("text", ["-1", "10", "1000TB", "9" * 40, 0, -5, 2**40])
+def test_read_chunk_bounds(text):
+    from siglip_navit_tools.convert.options import READ_CHUNK_BOUNDS
+
+    with pytest.raises(ConversionError, match="--read-chunk-size"):
+        parse_size(text, "--read-chunk-size", READ_CHUNK_BOUNDS)
+
+
+@pytest.mark.parametrize(
+    "name, ok",
+    [("model-00001-of-00002.safetensors", True), ("sub/x.safetensors", True), ("/etc/passwd", False),
+     ("../x.safetensors", False), ("a/../../x.safetensors", False), ("./x.safetensors", False), ("a//b", False),
+     ("C:\\x", False), ("s3://b/x.safetensors", False), ("x\0.safetensors", False), ("", False)],
+)  # fmt: skip
+def test_child_within_the_folder(tmp_path, name, ok):
+    from siglip_navit_tools.io.locations import LocationError
+
+    folder = Location.parse(str(tmp_path))
+    if ok:
+        assert folder.child_within(name, "index").path == str(tmp_path / name)
+    else:
+        with pytest.raises(LocationError, match="not a file inside"):
+            folder.child_within(name, "index")
+
+
+def test_piece_bounds_rows_for_relayouts_and_flat_otherwise():
+    from types import SimpleNamespace
+
+    from siglip_navit_tools.convert.write import piece_bounds
+    from siglip_navit_tools.io.safetensors import TensorInfo
+
+    info = TensorInfo("w", torch.float32, (8, 3, 2, 2), 0, 8 * 12 * 4)
+    item = SimpleNamespace(entry=SimpleNamespace(info=info), transform="conv2d_to_linear")
+    rows = list(piece_bounds(item, 100))
+    assert rows == [(0, 24, (2, 3, 2, 2)), (24, 48, (2, 3, 2, 2)), (48, 72, (2, 3, 2, 2)), (72, 96, (2, 3, 2, 2))]
+    flat = list(piece_bounds(SimpleNamespace(entry=SimpleNamespace(info=info), transform=None), 100))
+    assert [b - a for a, b, _ in flat] == [25, 25, 25, 21] and all(s == (b - a,) for a, b, s in flat)
+
+
+def test_writer_pieces_must_add_up(tmp_path):
+    spec = TensorSpec("a", torch.float32, (4,))
+    with pytest.raises(ValueError, match="8 bytes written, expected 16"):
+        with SafetensorsWriter(tmp_path / "p.safetensors", [spec]) as writer:
+            writer.write_pieces("a", [torch.zeros(1), torch.zeros(1)])
+    with SafetensorsWriter(tmp_path / "q.safetensors", [spec]) as writer:
+        writer.write_pieces("a", [torch.arange(3.0), torch.tensor([3.0])])
+    assert torch.equal(load_file(str(tmp_path / "q.safetensors"))["a"], torch.arange(4.0))

@@ -15,7 +15,7 @@ import sys
 from typing import Optional, Sequence
 
 from .. import cli
-from .options import DEFAULT_LICENSE, DTYPE_CHOICES, PROG, SOURCE_FORMATS, TARGETS, ConvertOptions
+from .options import DEFAULT_LICENSE, DTYPE_CHOICES, PROG, ROPE_CHOICES, SOURCE_FORMATS, TARGETS, ConvertOptions
 from .run import convert
 
 _D = ConvertOptions(src="", out="")
@@ -46,6 +46,9 @@ def build_parser() -> argparse.ArgumentParser:
         "the weights")
     add("--vit-prefix", default=_D.vit_prefix,
         help=f"key prefix of the ViT in a BAGEL checkpoint (default: {_D.vit_prefix})")
+    add("--rope", choices=ROPE_CHOICES, default=_D.rope,
+        help="rotary (true) or learned (false) positions; auto (default): from the keys, a stored position table "
+        "means false, none means true (BAGEL trained with --vit_rope True). true/false must agree with the keys")
     add("--num-hidden-layers", type=int, help="keep only the first N encoder layers")
     add("--dtype", choices=DTYPE_CHOICES, default=_D.dtype,
         help="dtype of the written weights (default: keep the source's)")

@@ -14,8 +14,10 @@ from dataclasses import dataclass
 from typing import NamedTuple, Optional
 
 VISION = "vision_model."
-LAYER_RE = re.compile(r"^vision_model\.encoder\.layers\.(\d+)\.")
+LAYER_RE = re.compile(r"^vision_model\.encoder\.layers\.([0-9]+)\.")  # ASCII digits only (\d takes any script's)
+MAX_LAYER_DIGITS = 9  # a longer index is refused as absurd (int() of thousands of digits is itself slow / refused)
 _ROPE_TABLE_RE = re.compile(r"vision_model\.rope\.(cos|sin)_[hw]")
+ROPE_DROP = "persistent RoPE tables (vision_model.rope.*; recomputed by the model)"
 
 
 @dataclass(frozen=True)
@@ -53,9 +55,13 @@ def _canonical(key: str, layout: KeyLayout) -> Mapped:
 
 
 def layer_index(key: str) -> Optional[int]:
-    """N of a mapped `vision_model.encoder.layers.N.*` key, else None."""
+    """N of a mapped `vision_model.encoder.layers.N.*` key, else None; an index of more than MAX_LAYER_DIGITS digits
+    is returned as 10**MAX_LAYER_DIGITS (absurd either way: the plan refuses it by name)."""
     m = LAYER_RE.match(key)
-    return int(m.group(1)) if m else None
+    if not m:
+        return None
+    digits = m.group(1)
+    return int(digits) if len(digits) <= MAX_LAYER_DIGITS else 10**MAX_LAYER_DIGITS
 
 
 def map_key(key: str, layout: KeyLayout, keep_layers: Optional[int] = None, layers_stored: int = 0) -> Mapped:
@@ -68,7 +74,7 @@ def map_key(key: str, layout: KeyLayout, keep_layers: Optional[int] = None, laye
     if ours.startswith("vision_model.head."):
         return Mapped(None, "pooling head (vision_model.head.*; not part of this tower)")
     if _ROPE_TABLE_RE.fullmatch(ours):
-        return Mapped(None, "persistent RoPE tables (vision_model.rope.*; recomputed by the model)")
+        return Mapped(None, ROPE_DROP)
     if ours == "vision_model.embeddings.position_ids":
         return Mapped(None, "position_ids buffer")
     layer = layer_index(ours)

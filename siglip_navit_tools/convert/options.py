@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
+from decimal import Decimal
 import shlex
 from dataclasses import dataclass
 from typing import Optional
@@ -21,6 +22,7 @@ from ..cli import ToolError
 PROG = "convert_checkpoint.py"
 TARGETS = ("siglip-navit", "stock-siglip")
 SOURCE_FORMATS = ("auto", "bagel", "siglip", "siglip-navit")
+ROPE_CHOICES = ("auto", "true", "false")
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 DTYPE_CHOICES = ("keep", *DTYPES)
 DEFAULT_VIT_PREFIX = "vit_model."
@@ -49,6 +51,9 @@ class ConvertOptions:
     config: Optional[str] = None
     # key prefix of the ViT in a BAGEL checkpoint (a trailing "." is added when missing)
     vit_prefix: str = DEFAULT_VIT_PREFIX
+    # rotary or learned positions: "auto" (from the keys: a stored position table means rope=False, none means
+    # rope=True, e.g. BAGEL trained with --vit_rope True), "true" or "false" (must agree with the keys)
+    rope: str = "auto"
     # keep only the first N encoder layers; None: every stored layer
     num_hidden_layers: Optional[int] = None
     # dtype of the written weights: "keep" (the source's) or a key of DTYPES
@@ -99,14 +104,30 @@ class ConvertOptions:
         return "python " + shlex.join(words)
 
 
-def parse_size(text: str | int, flag: str = "--max-shard-size") -> int:
-    """'5GB' (10**9), '500MiB' (2**20), '10KB', or a plain number of bytes; `flag` names the option in errors.
-    (huggingface_hub's parse_size_to_int knows only the decimal units, and the 2**n ones are documented flags.)"""
-    if isinstance(text, int):
-        return text
-    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?i?B?)?\s*", str(text), re.I)
+MAX_SIZE = 2**60  # 1 EiB: above any real size; a larger number is a typo (and would overflow the arithmetic)
+READ_CHUNK_BOUNDS = (2**10, 2**34)  # 1 KiB .. 16 GiB: smaller would make millions of reads, larger is all memory
+
+
+def parse_size(text: str | int, flag: str = "--max-shard-size", bounds: tuple[int, int] = (1, MAX_SIZE)) -> int:
+    """'5GB' (10**9), '500MiB' (2**20), '10KB', or a plain number of bytes, within `bounds` (inclusive); `flag` names
+    the option in errors. (huggingface_hub's parse_size_to_int knows only the decimal units, and the 2**n ones are
+    documented flags.)"""
+    low, high = bounds
+    if isinstance(text, int) and not isinstance(text, bool):
+        size = text
+    else:
+        size = _size_of_text(str(text), flag)
+    if size <= 0:
+        raise ConversionError(f"{flag} {text!r} must be positive.")
+    if not low <= size <= high:
+        raise ConversionError(f"{flag} {text!r} is out of range: choose {low} to {high} bytes.")
+    return size
+
+
+def _size_of_text(text: str, flag: str) -> int:
+    m = re.fullmatch(r"\s*(-?\d{1,30}(?:\.\d{1,30})?)\s*([KMGT]?i?B?)?\s*", text, re.I)
     if not m:
-        raise ConversionError(f"{flag} {text!r}: use e.g. 5GB, 500MB, 2GiB or a number of bytes.")
+        raise ConversionError(f"{flag} {text[:100]!r}: use e.g. 5GB, 500MB, 2GiB or a number of bytes.")
     unit = (m.group(2) or "").upper()
     scale = {"": 1, "B": 1}
     for i, p in enumerate("KMGT", start=1):
@@ -114,7 +135,4 @@ def parse_size(text: str | int, flag: str = "--max-shard-size") -> int:
         scale[p + "I"] = scale[p + "IB"] = 1024**i
     if unit not in scale:
         raise ConversionError(f"{flag} {text!r}: unknown unit {m.group(2)!r}.")
-    size = int(float(m.group(1)) * scale[unit])
-    if size <= 0:
-        raise ConversionError(f"{flag} {text!r} must be positive.")
-    return size
+    return int(Decimal(m.group(1)) * scale[unit])

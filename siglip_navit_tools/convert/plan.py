@@ -9,6 +9,7 @@ headers only: no tensor data, and nothing is written here.
 
 from __future__ import annotations
 
+import copy
 import math
 from collections import Counter, OrderedDict
 from dataclasses import dataclass, field
@@ -18,8 +19,8 @@ import torch
 
 from ..io.safetensors import TensorSpec
 from ..repo_code import modeling
-from .config import GEOMETRY_KEYS, tower_config
-from .keymap import KeyLayout, layer_index, map_key, source_key
+from .config import GEOMETRY_KEYS, POSITION_KEY, ROPE_TABLE_KEY, StoredFacts, config_error, tower_config
+from .keymap import LAYER_RE, MAX_LAYER_DIGITS, ROPE_DROP, KeyLayout, layer_index, map_key, source_key
 from .options import DTYPES, ConversionError, ConvertOptions, parse_size
 from .sources import Source, TensorEntry, open_entries
 
@@ -81,7 +82,7 @@ def _layout(src: Source, options: ConvertOptions) -> KeyLayout:
 
 
 def _rename(src: Source, layout: KeyLayout) -> dict[str, str]:
-    """Source key -> our key for every tensor the layout keeps (before any layer cut); stored layers counted."""
+    """Source key -> our key for every tensor the layout keeps (before any layer cut)."""
     ours: dict[str, str] = {}
     seen: set[str] = set()
     for key in src.keys:
@@ -92,23 +93,82 @@ def _rename(src: Source, layout: KeyLayout) -> dict[str, str]:
             raise ConversionError(f"two source tensors map to {mapped!r} (one of them is {key!r}).")
         seen.add(mapped)
         ours[key] = mapped
-    if not any(layer_index(k) is not None for k in ours.values()):
-        raise ConversionError(f"{src.loc.display} has no encoder layers (no ...encoder.layers.N.* tensors).")
     return ours
 
 
-def _geometry_shapes(src: Source, ours: dict[str, str]) -> dict[str, tuple]:
+def check_layer_indices(src: Source, ours: dict[str, str]) -> list[int]:
+    """The stored encoder layers, which must be exactly 0..n-1 (n distinct indices, written canonically): checked
+    from the key names alone, in time linear in the number of stored tensors, BEFORE any config is trusted or
+    anything is built, so a crafted `encoder.layers.99999999.*` costs nothing. Refusals name the key."""
+    first_key: dict[int, str] = {}
+    for key, mapped in ours.items():
+        index = layer_index(mapped)
+        if index is None:
+            continue
+        digits = LAYER_RE.match(mapped).group(1)
+        if str(index) != digits:
+            raise ConversionError(
+                f"{src.loc.display}: tensor {key[:200]!r} names encoder layer {digits[:20]!r}"
+                f"{'...' if len(digits) > 20 else ''}, which is not a plain layer index (no leading zeros, at most "
+                f"{MAX_LAYER_DIGITS} digits); nothing was built or written."
+            )
+        first_key.setdefault(index, key)
+    if not first_key:
+        raise ConversionError(f"{src.loc.display} has no encoder layers (no ...encoder.layers.N.* tensors).")
+    count = len(first_key)
+    beyond = [i for i in first_key if i >= count]  # with n distinct indices, any index >= n means a gap
+    if beyond:
+        worst = max(beyond)
+        gaps, i = [], 0
+        while len(gaps) < 5 and i < worst:  # at most count + 5 steps, whatever `worst` is
+            gaps += [i] * (i not in first_key)
+            i += 1
+        more = worst - sum(1 for j in first_key if j < worst) > len(gaps)
+        raise ConversionError(
+            f"{src.loc.display}: tensor {first_key[worst][:200]!r} names encoder layer {worst}, but only {count} "
+            f"distinct layers are stored, so the layers are not 0..{count - 1} (missing: "
+            f"{', '.join(map(str, gaps))}{', ...' if more else ''}). A checkpoint stores its layers "
+            "without gaps; nothing was built or written."
+        )
+    return list(range(count))
+
+
+def _stored_facts(src: Source, layout: KeyLayout, ours: dict[str, str]) -> tuple[StoredFacts, list[str]]:
+    """What the keys say (layers, position table, RoPE tables), and the source keys of the stored RoPE tables."""
+    rope_keys = [k for k in src.keys if map_key(k, layout).reason == ROPE_DROP]
+    position = POSITION_KEY in ours.values()
+    return StoredFacts(check_layer_indices(src, ours), position, bool(rope_keys)), rope_keys
+
+
+def _geometry_shapes(src: Source, ours: dict[str, str], rope_keys: list[str]) -> dict[str, tuple]:
     """Our key -> shape of the tensors the geometry is inferred from (headers only)."""
     needed = [k for k, c in ours.items() if c in GEOMETRY_KEYS]
-    open_entries(src, needed)
-    return {ours[k]: src.entries[k].info.shape for k in needed}
+    rope = [k for k in rope_keys if k.endswith(ROPE_TABLE_KEY)]
+    open_entries(src, needed + rope[:1])
+    shapes = {ours[k]: src.entries[k].info.shape for k in needed}
+    shapes.update({ROPE_TABLE_KEY: src.entries[k].info.shape for k in rope[:1]})
+    return shapes
 
 
-def expected_shapes(config: Any) -> dict[str, tuple]:
-    """Our key -> shape, from the model itself built on the meta device (no memory)."""
-    with torch.device("meta"):
-        model = modeling().SiglipVisionModel(config)
-    return {k: tuple(v.shape) for k, v in model.state_dict().items()}
+def expected_shapes(config: Any, where: str = "the config") -> dict[str, tuple]:
+    """Our key -> shape, from the model itself built on the meta device (no memory) with ONE encoder layer, whose
+    keys are repeated for every layer: the cost does not grow with the config's layer count."""
+    one = copy.deepcopy(config)
+    one.num_hidden_layers = 1
+    try:
+        with torch.device("meta"):
+            model = modeling().SiglipVisionModel(one)
+    except (ValueError, TypeError, KeyError, RuntimeError, OverflowError) as exc:  # e.g. an unknown hidden_act
+        raise config_error(where, exc) from None
+    shapes: dict[str, tuple] = {}
+    layer0 = [(k, tuple(v.shape)) for k, v in model.state_dict().items() if layer_index(k) == 0]
+    for key, value in model.state_dict().items():
+        if layer_index(key) is None:
+            shapes[key] = tuple(value.shape)
+        elif key == layer0[0][0]:
+            for n in range(config.num_hidden_layers):
+                shapes.update((k.replace(".layers.0.", f".layers.{n}.", 1), shape) for k, shape in layer0)
+    return shapes
 
 
 def _classify(src, layout, keep, stored, expected) -> tuple[dict[str, str], OrderedDict, list[str]]:
@@ -210,10 +270,11 @@ def build_plan(src: Source, options: ConvertOptions) -> Plan:
     every problem at once. Opens headers only."""
     layout = _layout(src, options)
     ours = _rename(src, layout)
-    layer_ids = sorted({i for k in ours.values() if (i := layer_index(k)) is not None})
-    tower = tower_config(src, layer_ids, lambda: _geometry_shapes(src, ours), options.num_hidden_layers, options.to)
+    facts, rope_keys = _stored_facts(src, layout, ours)
+    shapes = lambda: _geometry_shapes(src, ours, rope_keys)  # noqa: E731 - only without a config file
+    tower = tower_config(src, facts, shapes, options.num_hidden_layers, options.to, options.rope)
     config = tower.config
-    expected = expected_shapes(config)
+    expected = expected_shapes(config, tower.where)
     kept, dropped, unexpected = _classify(src, layout, config.num_hidden_layers, tower.layers_stored, expected)
     open_entries(src, list(kept.values()))
     items, misshaped = _items(src, kept, expected, config, options)

@@ -9,6 +9,7 @@ listing on stdout. Must not parse command lines nor map errors to exit codes (th
 
 from __future__ import annotations
 
+import errno
 import os
 import re
 import sys
@@ -18,7 +19,7 @@ from typing import Optional
 
 from ..io import atomic
 from .hub import human, push_to_hub
-from .options import ConversionError, ConvertOptions, parse_size
+from .options import READ_CHUNK_BOUNDS, ConversionError, ConvertOptions, parse_size
 from .plan import DTYPE_NAMES, Plan, build_plan
 from .sources import Source, open_source
 from .write import output_file_list, verify_output, write_side_files, write_weights
@@ -89,13 +90,45 @@ def describe_plan(plan: Plan, out: Path) -> str:
 
 
 def _write(plan: Plan, out: Path, options: ConvertOptions, chunk: int) -> None:
-    """Everything into a temporary directory beside `out`; verified and durable before it replaces `out`."""
-    with atomic.temporary_directory(out) as tmp:
-        write_weights(plan, tmp, chunk, progress=options.progress and not options.quiet)
-        write_side_files(plan, tmp, options)
-        verify_output(plan, tmp, chunk)
-        atomic.fsync_tree(tmp)
-        atomic.replace_directory(tmp, out)
+    """Everything into a temporary directory beside `out`; verified and durable before it replaces `out`. An
+    operating-system failure of the target (disk full, read-only, no permission) is one paragraph saying what it
+    means for `out`."""
+    existed = out.exists() or out.is_symlink()
+    try:
+        with atomic.temporary_directory(out) as tmp:
+            write_weights(plan, tmp, chunk, progress=options.progress and not options.quiet)
+            with atomic.target_errors(tmp):
+                write_side_files(plan, tmp, options)
+            verify_output(plan, tmp, chunk)
+            with atomic.target_errors(tmp):
+                atomic.fsync_tree(tmp)
+            with atomic.target_errors(out):
+                atomic.replace_directory(tmp, out)
+    except atomic.TargetWriteError as exc:
+        raise _target_error(exc, out, existed, plan) from None
+
+
+def _target_error(exc: atomic.TargetWriteError, out: Path, existed: bool, plan: Plan) -> ConversionError:
+    if existed and not (out.exists() or out.is_symlink()):  # both renames failed: say where the old output is
+        state = f"the previous --out could not be put back; it is parked beside it as .{out.name}{atomic.OLD_MARK}*"
+    else:
+        state = "nothing was changed at --out" + (" (its previous contents are intact)" if existed else "")
+    free = f"free at least {human(plan.total_out_bytes)}"
+    writable = "choose an --out you may write to (or fix its permissions)"
+    hints = {errno.ENOSPC: f"{free} there and run again", errno.EDQUOT: f"{free} of your quota and run again",
+             errno.EROFS: "choose an --out on a writable file system", errno.EACCES: writable, errno.EPERM: writable}
+    hint = hints.get(exc.errno, "fix that and run again")
+    return ConversionError(f"{exc}; {state} ({out}) and the temporary directory was removed. To fix: {hint}.")
+
+
+def _recover(out: Path, options: ConvertOptions, log) -> None:
+    """Before anything else: repair what an interrupted earlier run left beside `out`, and say so."""
+    try:
+        lines = atomic.recover_leftovers(out, dry_run=options.dry_run)
+    except OSError as exc:
+        raise ConversionError(f"cannot repair the leftovers of an earlier run beside {out}: {exc}") from None
+    for line in lines:
+        log(f"note: {line}")
 
 
 def convert(options: ConvertOptions) -> ConvertResult:
@@ -106,8 +139,10 @@ def convert(options: ConvertOptions) -> ConvertResult:
         if not options.quiet:
             print(msg, file=sys.stderr)
 
-    chunk = parse_size(options.read_chunk_size, "--read-chunk-size")
+    chunk = parse_size(options.read_chunk_size, "--read-chunk-size", READ_CHUNK_BOUNDS)
+    parse_size(options.max_shard_size)  # both size options are checked before any file is opened
     out = Path(os.path.abspath(os.path.expanduser(options.out)))
+    _recover(out, options, log)
     src = open_source(options)
     try:
         check_target(out, src, options.force)

@@ -16,7 +16,7 @@ from typing import Optional, Union
 
 import torch
 
-from ..io.locations import Location
+from ..io.locations import Location, LocationError
 from ..io.safetensors import SafetensorsFile, TensorInfo
 from .hub import card_metadata
 from .options import ConversionError, ConvertOptions
@@ -148,8 +148,10 @@ def pick_weight_files(loc: Location) -> tuple[list[Location], Optional[Location]
 def read_json(loc: Location, what: str) -> dict:
     try:
         data = json.loads(loc.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ConversionError(f"cannot read {what} {loc.display}: {exc}") from exc
+    except RecursionError:
+        raise ConversionError(f"cannot read {what} {loc.display}: its JSON is nested too deeply.") from None
+    except (OSError, UnicodeDecodeError, ValueError) as exc:  # ValueError: JSONDecodeError, an int too long
+        raise ConversionError(f"cannot read {what} {loc.display}: {str(exc)[:300]}") from exc
     if not isinstance(data, dict):
         raise ConversionError(f"{what} {loc.display} is not a JSON object.")
     return data
@@ -223,14 +225,30 @@ def _locate(options: ConvertOptions) -> tuple[Location, Location, list[Location]
     )
 
 
-def _index_keys(index: Location) -> tuple[dict[str, Location], list[Location]]:
-    """Every key of a sharded checkpoint -> its file, and the files (sorted by name), from the index alone."""
+def _index_keys(index: Location, allow_pickle: bool) -> tuple[dict[str, Location], list[Location]]:
+    """Every key of a sharded checkpoint -> its file, and the files (sorted by name), from the index alone. Every
+    file it names must be a weight file inside the index's folder (`Location.child_within`): never an absolute path,
+    `..` or a symlink out of it, and a .safetensors file (or, with allow_pickle, a pickle checkpoint)."""
     weight_map = read_json(index, "index").get("weight_map")
     if not isinstance(weight_map, dict) or not weight_map:
         raise ConversionError(f"index {index.display} has no weight_map.")
     base = index.parent()
-    keys = {key: base.join(name) for key, name in weight_map.items()}
-    return keys, [base.join(name) for name in sorted(set(weight_map.values()))]
+    suffixes = (".safetensors", *PICKLE_SUFFIXES) if allow_pickle else (".safetensors",)
+    files: dict[str, Location] = {}
+    for value in {v if isinstance(v, str) else repr(v): v for v in weight_map.values()}.values():
+        name = value if isinstance(value, str) else ""
+        if not name.endswith(suffixes):
+            raise ConversionError(
+                f"index {index.display}: its weight_map names {str(value)[:200]!r}, which is not a "
+                f"{' / '.join(suffixes)} file" + ("" if allow_pickle else " (pickle shards need --allow-pickle)")
+                + "; nothing was opened."
+            )
+        try:
+            files[name] = base.child_within(name, f"index {index.display}: its weight_map")
+        except LocationError as exc:
+            raise ConversionError(f"{exc} Nothing was opened.") from None
+    keys = {key: files[name] for key, name in weight_map.items()}
+    return keys, [files[name] for name in sorted(files)]
 
 
 def _refuse_pickle(first: Location) -> None:
@@ -270,7 +288,7 @@ def open_source(options: ConvertOptions) -> Source:
     keys: dict[str, Location] = {}
     opened: dict[str, WeightFile] = {}
     if index is not None:
-        keys, files = _index_keys(index)
+        keys, files = _index_keys(index, options.allow_pickle or is_pickle_name(index.name))
     is_pickle = any(is_pickle_name(f.name) for f in files) or (index is not None and is_pickle_name(index.name))
     if is_pickle and not options.allow_pickle:
         _refuse_pickle(index or files[0])

@@ -17,6 +17,7 @@ from typing import Iterator
 
 import torch
 
+from ..io import atomic
 from ..io.safetensors import SafetensorsFile, SafetensorsWriter, VerificationError, verify_file
 from ..repo_code import REMOTE_CODE_FILES, REPO_ROOT, modeling
 from . import hub
@@ -28,6 +29,9 @@ INDEX_FILE = "model.safetensors.index.json"
 SIDE_FILES = ("config.json", "preprocessor_config.json", "README.md")
 
 
+Pieces = Iterator[torch.Tensor]
+
+
 def _tensor_from_buffer(buf: bytearray, offset: int, item: Item) -> torch.Tensor:
     info = item.entry.info
     if info.numel == 0:
@@ -37,22 +41,56 @@ def _tensor_from_buffer(buf: bytearray, offset: int, item: Item) -> torch.Tensor
     return torch.frombuffer(buf, dtype=info.dtype, count=info.numel, offset=offset).reshape(info.shape)
 
 
-def _read_group(group: list[Item]) -> Iterator[tuple[Item, torch.Tensor]]:
-    """The tensors of one run of contiguous items, from one read."""
+def piece_bounds(item: Item, chunk_bytes: int) -> Iterator[tuple[int, int, tuple[int, ...]]]:
+    """(first element, end element, shape) of each piece of a tensor read in pieces of at most `chunk_bytes` (at
+    least one element, or one row). A re-laid-out tensor (the patch embedding) is cut into whole rows: each row of
+    the output depends only on the same row of the input, so the transform works piece by piece."""
+    info = item.entry.info
+    itemsize = info.dtype.itemsize
+    if item.transform and info.shape and info.shape[0] > 0:
+        row = info.numel // info.shape[0]
+        step = max(1, chunk_bytes // max(1, row * itemsize))
+        for r in range(0, info.shape[0], step):
+            end = min(info.shape[0], r + step)
+            yield r * row, end * row, (end - r, *info.shape[1:])
+        return
+    step = max(1, chunk_bytes // itemsize)
+    for a in range(0, info.numel, step):
+        b = min(info.numel, a + step)
+        yield a, b, (b - a,)
+
+
+def _read_pieces(item: Item, chunk_bytes: int) -> Pieces:
+    """One tensor larger than the read chunk, read (and later hashed and written) piece by piece: peak memory is
+    about one chunk, whatever the tensor's size."""
+    entry = item.entry
+    itemsize = entry.info.dtype.itemsize
+    for a, b, shape in piece_bounds(item, chunk_bytes):
+        if isinstance(entry.file, PickleFile):  # already in (mapped) memory: views, no copy
+            yield entry.file.state_dict[entry.info.key].reshape(-1)[a:b].reshape(shape)
+            continue
+        buf = entry.file.reader.read(entry.info.start + a * itemsize, (b - a) * itemsize)
+        yield torch.frombuffer(buf, dtype=entry.info.dtype, count=b - a).reshape(shape)
+
+
+def _read_group(group: list[Item]) -> Iterator[tuple[Item, Pieces]]:
+    """The tensors of one run of contiguous items (at most one chunk in all), from one read: one piece each."""
     first = group[0].entry
     if isinstance(first.file, PickleFile):
         for it in group:
-            yield it, first.file.state_dict[it.entry.info.key]
+            yield it, iter([first.file.state_dict[it.entry.info.key]])
         return
     start = first.info.start
     buf = first.file.reader.read(start, group[-1].entry.info.end - start)
     for it in group:
-        yield it, _tensor_from_buffer(buf, it.entry.info.start - start, it)
+        yield it, iter([_tensor_from_buffer(buf, it.entry.info.start - start, it)])
 
 
-def iter_source_tensors(plan: Plan, chunk_bytes: int) -> Iterator[tuple[Item, torch.Tensor]]:
-    """Yield (item, source tensor) in plan order, reading each run of contiguous tensors in chunks <= chunk_bytes.
-    (fsspec's block caches would read ahead into tensors nobody wants; this reads exactly the kept ranges, once.)"""
+def iter_source_tensors(plan: Plan, chunk_bytes: int) -> Iterator[tuple[Item, Pieces]]:
+    """Yield (item, its source tensor as consecutive pieces) in plan order; no single read exceeds `chunk_bytes`.
+    Runs of contiguous small tensors are read together; a tensor above the chunk is read in pieces (consume them
+    before the next item). (fsspec's block caches would read ahead into tensors nobody wants; this reads exactly
+    the kept ranges, once.)"""
     group: list[Item] = []
     for item in plan.items:
         e, last = item.entry, group[-1].entry if group else None
@@ -67,7 +105,11 @@ def iter_source_tensors(plan: Plan, chunk_bytes: int) -> Iterator[tuple[Item, to
             continue
         if group:
             yield from _read_group(group)
-        group = [item]
+            group = []
+        if e.info.nbytes > chunk_bytes:
+            yield item, _read_pieces(item, chunk_bytes)
+        else:
+            group = [item]
     if group:
         yield from _read_group(group)
 
@@ -82,7 +124,8 @@ def _all_finite(tensor: torch.Tensor) -> bool:
 
 
 def convert_tensor(item: Item, tensor: torch.Tensor, config) -> torch.Tensor:
-    """One source tensor as it is written: checked for NaN / inf, re-laid-out, cast (overflow checked)."""
+    """One source tensor (or a piece of one: rows for a re-laid-out tensor) as it is written: checked for NaN / inf,
+    re-laid-out, cast (overflow checked)."""
     if tensor.is_floating_point() and not _all_finite(tensor):
         raise ConversionError(
             f"source tensor {item.entry.info.key!r} contains NaN or infinite values: the source file is corrupt "
@@ -116,14 +159,16 @@ def write_weights(plan: Plan, outdir: Path, chunk_bytes: int, progress: bool) ->
             items = plan.shard_items(shard)
             with SafetensorsWriter(outdir / fname, [it.spec for it in items]) as writer:
                 for it in items:
-                    got, tensor = next(stream)
+                    got, pieces = next(stream)
                     assert got is it, "read order and write order diverged"
-                    it.sha256 = writer.write(it.out_key, convert_tensor(it, tensor, plan.config))
+                    converted = (convert_tensor(it, piece, plan.config) for piece in pieces)
+                    it.sha256 = writer.write_pieces(it.out_key, converted)
                     bar.update(it.nbytes)
     finally:
         bar.close()
     if len(plan.shard_files) > 1:
-        (outdir / INDEX_FILE).write_text(json.dumps(_index(plan), indent=2) + "\n")
+        with atomic.target_errors(outdir / INDEX_FILE):
+            (outdir / INDEX_FILE).write_text(json.dumps(_index(plan), indent=2) + "\n")
 
 
 def _index(plan: Plan) -> dict:

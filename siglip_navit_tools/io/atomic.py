@@ -10,14 +10,52 @@ old result or the new one, never a half-written one. This module must not know w
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
+import re
 import shutil
+import socket
 import uuid
 from pathlib import Path
-from typing import Iterator
+from typing import Iterator, Optional
+
+from ..cli import ToolError
 
 TMP_MARK = ".tmp-"  # temporaries are `.NAME.tmp-<tag>`: hidden, and recognisable as leftovers
 OLD_MARK = ".old-"  # a directory being replaced is parked as `.NAME.old-<tag>` between the two renames
+# Inside every temporary DIRECTORY this module makes (removed just before it is renamed into place): what tells a
+# leftover of ours (safe to delete once its process is gone) from anything else that happens to match the name.
+DIR_MARKER = ".siglip-navit-partial"
+_TAG = re.compile(r"[0-9a-f]{8}")
+_REASONS = {
+    errno.ENOSPC: "no space left on device",
+    errno.EDQUOT: "disk quota exceeded",
+    errno.EROFS: "read-only file system",
+    errno.EACCES: "permission denied",
+    errno.EPERM: "operation not permitted",
+}
+
+
+class TargetWriteError(ToolError):
+    """Writing the result failed in the operating system (disk full, read-only, no permission): `path` is what was
+    being written, `errno` the cause. The callers say what that means for the target."""
+
+    def __init__(self, path: Path, exc: OSError):
+        self.path = Path(path)
+        self.errno = exc.errno
+        self.reason = _REASONS.get(exc.errno) or exc.strerror or str(exc) or type(exc).__name__
+        super().__init__(f"{self.reason} while writing {self.path}")
+
+
+@contextlib.contextmanager
+def target_errors(path: Path) -> Iterator[None]:
+    """Turn an OSError of writing `path` into a TargetWriteError naming it (a TargetWriteError passes through)."""
+    try:
+        yield
+    except TargetWriteError:
+        raise
+    except OSError as exc:
+        raise TargetWriteError(path, exc) from exc
 
 _UMASK = os.umask(0o022)
 os.umask(_UMASK)
@@ -73,11 +111,15 @@ def fsync_tree(directory: Path) -> None:
 
 @contextlib.contextmanager
 def temporary_directory(path: Path) -> Iterator[Path]:
-    """A fresh, empty directory beside `path` (`.NAME.tmp-<random>`) to build a result in; removed on exit unless it
-    was moved into place (`replace_directory`) inside the block. The parent of `path` is created if needed."""
-    path.parent.mkdir(parents=True, exist_ok=True)
+    """A fresh, empty directory beside `path` (`.NAME.tmp-<random>`, holding only DIR_MARKER) to build a result in;
+    removed on exit unless it was moved into place (`replace_directory`) inside the block. The parent of `path` is
+    created if needed."""
+    with target_errors(path.parent):
+        path.parent.mkdir(parents=True, exist_ok=True)
     tmp = temporary_sibling(path, uuid.uuid4().hex[:8])
-    tmp.mkdir()
+    with target_errors(tmp):
+        tmp.mkdir()
+        (tmp / DIR_MARKER).write_text(f"{socket.gethostname()} {os.getpid()}\n")
     try:
         yield tmp
     finally:
@@ -88,7 +130,8 @@ def temporary_directory(path: Path) -> Iterator[Path]:
 def replace_directory(tmp: Path, out: Path) -> None:
     """Move the finished directory `tmp` to `out`, replacing whatever is there: the old `out` is parked beside it
     (`.OUT.old-TAG`) until the new one is in place, then removed; if the second rename fails the old one is put
-    back. The files of `tmp` must already be durable (`fsync_tree`)."""
+    back. The files of `tmp` must already be durable (`fsync_tree`); its DIR_MARKER is removed first."""
+    (tmp / DIR_MARKER).unlink(missing_ok=True)
     if out.is_symlink() or out.exists():
         backup = out.parent / f".{out.name}{OLD_MARK}{uuid.uuid4().hex[:8]}"
         os.rename(out, backup)
@@ -105,3 +148,65 @@ def replace_directory(tmp: Path, out: Path) -> None:
     else:
         os.rename(tmp, out)
         fsync_parent(out)
+
+
+# ---- leftovers of interrupted runs ------------------------------------------------------------------------------
+def _leftovers(out: Path, mark: str) -> list[Path]:
+    """`.OUT<mark><8 hex>` entries beside `out` (the names this module makes), sorted."""
+    prefix = f".{out.name}{mark}"
+    if not out.parent.is_dir():
+        return []
+    return sorted(p for p in out.parent.iterdir() if p.name.startswith(prefix) and _TAG.fullmatch(p.name[len(prefix):]))
+
+
+def _owner_alive(tmp: Path) -> Optional[bool]:
+    """None: not ours (no marker); True: its process still runs on this host; False: a dead run's leftover."""
+    try:
+        host, pid = (tmp / DIR_MARKER).read_text().split()
+        pid_n = int(pid)
+    except (OSError, ValueError):
+        return None
+    if host != socket.gethostname():
+        return True  # another machine's run on a shared file system: never ours to judge
+    try:
+        os.kill(pid_n, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # EPERM: alive, another user's
+        return True
+    return True
+
+
+def recover_leftovers(out: Path, dry_run: bool = False) -> list[str]:
+    """Repair what an interrupted run left beside `out`, before anything else; returns one log line per action.
+    A missing `out` with exactly one parked `.OUT.old-*` (a crash between replace_directory's two renames) is put
+    back; our `.OUT.tmp-*` directories whose process is gone are removed. Nothing else is touched: other matching
+    names, a live run's temporary, several parked outputs (which one is newest is not ours to guess) are only
+    reported. With `dry_run`, says what it would do and does nothing."""
+    lines: list[str] = []
+    would = "would " if dry_run else ""
+    olds = [p for p in _leftovers(out, OLD_MARK) if p.is_dir() and not p.is_symlink()]
+    if olds and not (out.exists() or out.is_symlink()):
+        if len(olds) == 1:
+            if not dry_run:
+                os.rename(olds[0], out)
+                fsync_parent(out)
+            lines.append(f"{would}restore {out} from {olds[0].name}: an earlier --force run was interrupted between "
+                         "its two renames and had parked the previous output there.")  # fmt: skip
+        else:
+            names = ", ".join(p.name for p in olds)
+            lines.append(f"{out} is missing and several parked outputs exist ({names}): left as they are; move the "
+                         f"one you want back to {out}.")  # fmt: skip
+    elif olds:
+        names = ", ".join(p.name for p in olds)
+        lines.append(f"found {names} beside {out}: an old output parked by an interrupted --force run after the new "
+                     "one was in place; remove it when you no longer need it.")  # fmt: skip
+    for tmp in _leftovers(out, TMP_MARK):
+        alive = _owner_alive(tmp) if tmp.is_dir() and not tmp.is_symlink() else None
+        if alive is False:
+            if not dry_run:
+                shutil.rmtree(tmp, ignore_errors=True)
+            lines.append(f"{would}remove {tmp.name}: the partial output of an interrupted run.")
+        elif alive is True:
+            lines.append(f"left {tmp.name} alone: the run writing it is still running.")
+    return lines

@@ -58,6 +58,29 @@ class Location:
         display = os.path.join(self.display, name) if "://" not in self.display else f"{self.display}/{name}"
         return Location(display, self.fs, posixpath.join(self.path, name))
 
+    def child_within(self, name: str, what: str) -> "Location":
+        """`name` (a relative path another file gave, e.g. an index's weight_map) as a Location INSIDE this folder;
+        a LocationError naming `what` for an absolute path, a `..` or empty component, a backslash or NUL, or (local
+        files) a symlink whose target leaves the folder. One exception, for the Hugging Face cache: a symlink from
+        `snapshots/<rev>/` into the same repo's `blobs/` (how the cache stores every file) is inside."""
+        parts = name.split("/") if isinstance(name, str) else []
+        bad = (
+            not parts or name.startswith("/") or "\\" in name or "\0" in name or ":" in parts[0]
+            or any(p in ("", ".", "..") for p in parts)
+        )  # fmt: skip
+        if bad:
+            raise LocationError(
+                f"{what} names {name!r}, which is not a file inside {self.display} (absolute paths, '..', drive "
+                "letters and backslashes are refused): the source's files must all live in its folder."
+            )
+        child = self.join(name)
+        if self.is_local and not _resolves_within(self.path, child.path):
+            raise LocationError(
+                f"{what} names {name!r}, a symlink that leads outside {self.display} (to "
+                f"{os.path.realpath(child.path)}): the source's files must all live in its folder."
+            )
+        return child
+
     def parent(self) -> "Location":
         path = posixpath.dirname(self.path)
         display = self.display.rsplit("/", 1)[0] if "://" in self.display else path
@@ -81,6 +104,16 @@ class Location:
 
     def size(self) -> int:
         return int(self.fs.size(self.path))
+
+
+def _resolves_within(folder: str, path: str) -> bool:
+    """Does `path` (inside `folder` by name) stay inside it once symlinks are resolved? The HF cache layout
+    (`<repo>/snapshots/<rev>/<file>` -> `<repo>/blobs/<hash>`) counts as inside."""
+    real_folder, real = os.path.realpath(folder), os.path.realpath(path)
+    roots = [real_folder]
+    if os.path.basename(os.path.dirname(real_folder)) == "snapshots":
+        roots.append(os.path.join(os.path.dirname(os.path.dirname(real_folder)), "blobs"))
+    return any(real == root or real.startswith(root.rstrip(os.sep) + os.sep) for root in roots)
 
 
 class ByteReader:

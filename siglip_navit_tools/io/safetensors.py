@@ -16,11 +16,12 @@ import math
 import struct
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, NamedTuple, Optional, Sequence
+from typing import Any, Callable, Iterable, NamedTuple, Optional, Sequence
 
 import torch
 
 from ..cli import ToolError
+from . import atomic
 from .locations import ByteReader, Location
 
 # What safetensors itself accepts (its reference implementation refuses a longer header).
@@ -83,24 +84,59 @@ class Header:
     nbytes: int  # the 8-byte length plus the JSON header: where the tensor data starts
 
 
+MAX_NUMEL = 2**62  # more elements than any file could hold: a shape above it is refused before any arithmetic
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _numel(shape: list) -> Optional[int]:
+    """The element count of a shape of non-negative ints, or None when it is malformed or absurdly large. Computed
+    with an early exit, so that a crafted shape of a million huge dimensions costs nothing."""
+    if not all(_is_int(s) and s >= 0 for s in shape):
+        return None
+    if 0 in shape:
+        return 0
+    total = 1
+    for s in shape:
+        total *= s
+        if total > MAX_NUMEL:
+            return None
+    return total
+
+
 def _entry_problem(info: Any) -> Optional[str]:
     """Why one header entry is malformed, or None."""
     if not isinstance(info, dict) or not {"dtype", "shape", "data_offsets"} <= set(info):
         return "entry lacks dtype/shape/data_offsets"
     dtype, shape, offsets = info["dtype"], info["shape"], info["data_offsets"]
-    if dtype not in DTYPES:
-        return f"unknown dtype {dtype!r}"
-    if not (isinstance(shape, list) and all(isinstance(s, int) and s >= 0 for s in shape)):
-        return f"bad shape {shape!r}"
+    if not isinstance(dtype, str) or dtype not in DTYPES:
+        return f"unknown dtype {_short(dtype)}"
+    numel = _numel(shape) if isinstance(shape, list) else None
+    if numel is None:
+        return f"bad shape {_short(shape)}"
     if not (
-        isinstance(offsets, list) and len(offsets) == 2 and all(isinstance(o, int) for o in offsets)
+        isinstance(offsets, list) and len(offsets) == 2 and all(_is_int(o) for o in offsets)
         and 0 <= offsets[0] <= offsets[1]
     ):  # fmt: skip
-        return f"bad data_offsets {offsets!r}"
-    need = nbytes_of(shape, DTYPES[dtype])
+        return f"bad data_offsets {_short(offsets)}"
+    need = numel * DTYPES[dtype].itemsize
     if offsets[1] - offsets[0] != need:
-        return f"data_offsets {offsets} span {offsets[1] - offsets[0]} bytes but shape {shape} {dtype} needs {need}"
+        return (
+            f"data_offsets {_short(offsets)} span {offsets[1] - offsets[0]} bytes but shape {_short(shape)} "
+            f"{dtype} needs {need}"
+        )
     return None
+
+
+def _short(value: Any, limit: int = 80) -> str:
+    """repr() for messages, cut to `limit` characters (a crafted header can hold megabytes in one field)."""
+    try:
+        text = repr(value)
+    except (RecursionError, ValueError):  # deeply nested / an int too long to print
+        text = f"<{type(value).__name__}>"
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def _read_json_header(read: ReadFn, size: int, where: str) -> tuple[dict, int]:
@@ -109,7 +145,10 @@ def _read_json_header(read: ReadFn, size: int, where: str) -> tuple[dict, int]:
         raise SafetensorsError(
             f"{where} is not a safetensors file: {size} bytes, shorter than the 8-byte header length."
         )
-    (header_len,) = struct.unpack("<Q", bytes(read(0, 8)))
+    prefix = bytes(read(0, 8))
+    if len(prefix) != 8:
+        raise SafetensorsError(f"{where} is truncated: could read only {len(prefix)} of its 8 header-length bytes.")
+    (header_len,) = struct.unpack("<Q", prefix)
     if header_len == 0 or header_len > MAX_HEADER_BYTES:
         raise SafetensorsError(
             f"{where} has a corrupt safetensors header: its first 8 bytes give a header length of {header_len} "
@@ -120,13 +159,17 @@ def _read_json_header(read: ReadFn, size: int, where: str) -> tuple[dict, int]:
             f"{where} is truncated: the header alone needs {8 + header_len} bytes but the file has {size}. "
             "Re-download the file."
         )
+    raw = bytes(read(8, header_len))
+    if len(raw) != header_len:
+        raise SafetensorsError(f"{where} is truncated: could read only {len(raw)} of its {header_len} header bytes.")
     try:
-        header = json.loads(bytes(read(8, header_len)).decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        header = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError, RecursionError) as exc:  # ValueError: JSONDecodeError, huge ints
+        reason = "nested too deeply" if isinstance(exc, RecursionError) else _short(str(exc), 200)
         raise SafetensorsError(
-            f"{where} has a corrupt safetensors header (not valid UTF-8 JSON: {exc}). The file is damaged or "
+            f"{where} has a corrupt safetensors header (not valid UTF-8 JSON: {reason}). The file is damaged or "
             "not a safetensors file."
-        ) from exc
+        ) from None
     if not isinstance(header, dict):
         kind = type(header).__name__
         raise SafetensorsError(f"{where} has a corrupt safetensors header: a JSON {kind}, not an object.")
@@ -139,7 +182,7 @@ def _check_layout(tensors: dict[str, TensorInfo], data_start: int, size: int, wh
     for info in sorted(tensors.values(), key=lambda t: (t.start, t.end, t.key)):
         if info.start != cursor:
             raise SafetensorsError(
-                f"{where} has a corrupt safetensors header: tensor {info.key!r} starts at data byte "
+                f"{where} has a corrupt safetensors header: tensor {_short(info.key)} starts at data byte "
                 f"{info.start - data_start}, expected {cursor - data_start} "
                 f"({'overlapping' if info.start < cursor else 'a gap between'} tensors)."
             )
@@ -161,11 +204,16 @@ def parse_header(read: ReadFn, size: int, where: str) -> Header:
     `where` names the file in messages. Reads only the header."""
     header, data_start = _read_json_header(read, size, where)
     metadata = header.pop("__metadata__", None) or {}
+    if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
+        raise SafetensorsError(
+            f"{where} has a corrupt safetensors header: __metadata__ must map strings to strings, got "
+            f"{_short(metadata)}."
+        )
     tensors: dict[str, TensorInfo] = {}
     for key, info in header.items():
         problem = _entry_problem(info)
         if problem is not None:
-            raise SafetensorsError(f"{where} has a corrupt safetensors header: tensor {key!r}: {problem}.")
+            raise SafetensorsError(f"{where} has a corrupt safetensors header: tensor {_short(key)}: {problem}.")
         begin, end = info["data_offsets"]
         shape = tuple(info["shape"])
         tensors[key] = TensorInfo(key, DTYPES[info["dtype"]], shape, data_start + begin, data_start + end)
@@ -242,8 +290,10 @@ def _write_tensor_data(f: Any, data: memoryview) -> None:
 class SafetensorsWriter:
     """Write one safetensors file tensor by tensor, in header order, hashing each tensor as it is written.
 
-    safetensors' own `save_file` needs the whole state dict in memory at once and hashes nothing; streaming one
-    tensor at a time keeps memory bounded by the largest tensor and gives the hashes `verify_file` checks."""
+    safetensors' own `save_file` needs the whole state dict in memory at once and hashes nothing; streaming keeps
+    memory bounded: `write_pieces` takes a tensor as consecutive pieces (each hashed and written as it comes), so
+    a tensor larger than the read chunk is never held whole. A failing write on the target (disk full, read-only
+    file system, no permission) raises `atomic.TargetWriteError` naming the file."""
 
     def __init__(self, path: Path, specs: Sequence[TensorSpec]):
         self.path = Path(path)
@@ -252,22 +302,45 @@ class SafetensorsWriter:
         self._f: Any = None
 
     def __enter__(self) -> "SafetensorsWriter":
-        self._f = open(self.path, "wb")
-        self._f.write(header_bytes(self.specs))
+        with atomic.target_errors(self.path):
+            self._f = open(self.path, "wb")
+            self._f.write(header_bytes(self.specs))
         return self
+
+    def _next_spec(self, key: str) -> TensorSpec:
+        spec = self.specs[len(self.sha256)] if len(self.sha256) < len(self.specs) else None
+        if spec is None or spec.key != key:
+            raise ValueError(f"{self.path.name}: got {key}, expected {spec}")
+        return spec
 
     def write(self, key: str, tensor: torch.Tensor) -> str:
         """Append the next tensor (it must be the next spec's key, dtype and shape); returns its sha256."""
-        spec = self.specs[len(self.sha256)]
-        if (key, tensor.dtype, tuple(tensor.shape)) != (spec.key, spec.dtype, tuple(spec.shape)):
+        spec = self._next_spec(key)
+        if (tensor.dtype, tuple(tensor.shape)) != (spec.dtype, tuple(spec.shape)):
             raise ValueError(f"{self.path.name}: got {key} {tensor.dtype} {tuple(tensor.shape)}, expected {spec}")
-        data = tensor_bytes(tensor.contiguous())
-        self.sha256[key] = digest = hashlib.sha256(data).hexdigest()
-        _write_tensor_data(self._f, data)
-        return digest
+        return self.write_pieces(key, [tensor])
+
+    def write_pieces(self, key: str, pieces: Iterable[torch.Tensor]) -> str:
+        """Append the next tensor given as consecutive pieces of its row-major bytes (any shapes, the spec's dtype,
+        spec.nbytes in all); each piece is hashed and written before the next is asked for. Returns the sha256."""
+        spec = self._next_spec(key)
+        digest, written = hashlib.sha256(), 0
+        for piece in pieces:
+            if piece.dtype != spec.dtype:
+                raise ValueError(f"{self.path.name}: {key}: a piece of dtype {piece.dtype}, expected {spec.dtype}")
+            data = tensor_bytes(piece.contiguous())
+            digest.update(data)
+            written += len(data)
+            with atomic.target_errors(self.path):
+                _write_tensor_data(self._f, data)
+        if written != spec.nbytes:
+            raise ValueError(f"{self.path.name}: {key}: {written} bytes written, expected {spec.nbytes}")
+        self.sha256[key] = hexdigest = digest.hexdigest()
+        return hexdigest
 
     def __exit__(self, *exc: Any) -> None:
-        self._f.close()
+        with atomic.target_errors(self.path):
+            self._f.close()
         if exc[0] is None and len(self.sha256) != len(self.specs):
             raise ValueError(f"{self.path.name}: {len(self.sha256)} of {len(self.specs)} tensors were written")
 
