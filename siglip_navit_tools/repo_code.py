@@ -9,6 +9,7 @@ other code.
 
 from __future__ import annotations
 
+import copy
 import importlib
 import importlib.util
 import sys
@@ -20,8 +21,11 @@ PACKAGE = "siglip_navit"
 CONFIG_FILE = "configuration_siglip_navit.py"
 MODELING_FILE = "modeling_siglip_navit.py"
 PROCESSING_FILE = "image_processing_siglip_navit.py"
-# What a converted repo ships and `trust_remote_code=True` runs.
-REMOTE_CODE_FILES = (CONFIG_FILE, MODELING_FILE, PROCESSING_FILE)
+PIPELINE_FILE = "pipeline_siglip_navit.py"
+HANDLER_FILE = "handler.py"  # Inference Endpoints imports it as a top-level module: not part of the package
+# What `trust_remote_code=True` runs (the package members), and what a converted repo ships.
+REMOTE_CODE_FILES = (CONFIG_FILE, MODELING_FILE, PROCESSING_FILE, PIPELINE_FILE)
+HUB_CODE_FILES = REMOTE_CODE_FILES + (HANDLER_FILE,)
 CONFIG_AUTO_MAP = {
     "AutoConfig": "configuration_siglip_navit.SiglipNaViTConfig",
     "AutoModel": "modeling_siglip_navit.SiglipVisionModel",
@@ -60,3 +64,12 @@ def modeling() -> ModuleType:
 
 def image_processing() -> ModuleType:
     return module(Path(PROCESSING_FILE).stem)
+
+
+def pipeline() -> ModuleType:
+    return module(Path(PIPELINE_FILE).stem)
+
+
+def custom_pipelines() -> dict:
+    """config.json's `custom_pipelines` entry that makes `pipeline(model=repo, trust_remote_code=True)` use ours."""
+    return copy.deepcopy(pipeline().CUSTOM_PIPELINES)

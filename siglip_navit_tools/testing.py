@@ -107,7 +107,7 @@ def save_safetensors(tensors: Mapping[str, torch.Tensor], path: Path) -> Path:
 
 def copy_remote_code(target: Path) -> Path:
     target.mkdir(parents=True, exist_ok=True)
-    for name in repo_code.REMOTE_CODE_FILES:
+    for name in repo_code.HUB_CODE_FILES:
         shutil.copy(repo_code.REPO_ROOT / name, target / name)
     return target
 
@@ -117,6 +117,7 @@ def build_hub_dir(parent: Path, config, model, extra_tensors: Optional[dict] = N
     target = copy_remote_code(unique_dir(parent, "hubdir"))
     data = config.to_dict()
     data["auto_map"] = dict(repo_code.CONFIG_AUTO_MAP)
+    data["custom_pipelines"] = repo_code.custom_pipelines()
     data.pop("_attn_implementation_autoset", None)
     (target / "config.json").write_text(json.dumps(data, indent=2))
     state = dict(model.state_dict())
@@ -207,9 +208,11 @@ def saved_repo(out: Path, config, seed: int = 0) -> Path:
     """A ready-to-load repo made the `save_pretrained` way: our model with random weights for `config` (written
     with the remote-code files) plus the image processor whose settings fit it."""
     torch.manual_seed(seed)
+    config.custom_pipelines = repo_code.custom_pipelines()
     model = repo_code.modeling().SiglipVisionModel(config)
     model.save_pretrained(out)  # config.json, model.safetensors and (registered classes) the remote-code .py files
     processing = repo_code.image_processing()
     settings = processing.SiglipNaViTImageProcessor.settings_for_model(config)
     processing.SiglipNaViTImageProcessor(**settings).save_pretrained(out)
+    copy_remote_code(Path(out))  # + the pipeline and the Inference Endpoints handler, as a converted repo has
     return Path(out)

@@ -24,7 +24,8 @@ def test_demo_save_writes_a_loadable_repo(tmp_path):
     assert "packed == per-image: True" in result.stdout and f"saved: {target}" in result.stdout
     names = {p.name for p in target.iterdir()}
     assert {"config.json", "model.safetensors", "preprocessor_config.json", "modeling_siglip_navit.py",
-            "configuration_siglip_navit.py", "image_processing_siglip_navit.py"} <= names  # fmt: skip
+            "configuration_siglip_navit.py", "image_processing_siglip_navit.py", "pipeline_siglip_navit.py",
+            "handler.py"} <= names  # fmt: skip
     assert json.loads((target / "config.json").read_text())["num_hidden_layers"] == 1
     load = (
         "import torch, numpy as np, sys\n"

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Optional, Union
 
 from huggingface_hub import ModelCard, ModelCardData
 
-from ..repo_code import CONFIG_AUTO_MAP, PROCESSOR_AUTO_MAP, REPO_ROOT, image_processing
+from ..repo_code import CONFIG_AUTO_MAP, PROCESSOR_AUTO_MAP, REPO_ROOT, custom_pipelines, image_processing
 from .options import DEFAULT_LICENSE, ConversionError, ConvertOptions
 
 if TYPE_CHECKING:  # the plan imports the sources, which read cards through this module
@@ -44,7 +44,7 @@ def navit_config_dict(plan: "Plan") -> dict:
     """config.json of this repo's layout, trimmed to what every transformers major reads silently."""
     head = {"architectures": ["SiglipVisionModel"], "auto_map": dict(CONFIG_AUTO_MAP),
             "model_type": plan.config.model_type}  # fmt: skip
-    return _config_dict(plan, head, {"rope": bool(plan.config.rope)})
+    return _config_dict(plan, head, {"rope": bool(plan.config.rope), "custom_pipelines": custom_pipelines()})
 
 
 def stock_config_dict(plan: "Plan") -> dict:
@@ -167,7 +167,7 @@ from transformers import AutoImageProcessor, AutoModel
 
 repo = "{repo}"
 processor = AutoImageProcessor.from_pretrained(repo, trust_remote_code=True)
-# fp32 on CPU (bf16 matmuls are much slower there); on transformers 4.x write torch_dtype= instead of dtype=
+# on transformers 4.x write torch_dtype= instead of dtype= (CPU dtype: see below)
 model = AutoModel.from_pretrained(repo, trust_remote_code=True, dtype=torch.float32).eval()
 
 images = [Image.open("a.jpg"), Image.open("b.png")]        # any sizes: one packed batch, no padding
@@ -176,6 +176,22 @@ with torch.no_grad():
     features = model(**inputs).last_hidden_state             # (total_patches, {hidden})
 maps = processor.unpack(features, inputs)                    # one (h, w, {hidden}) map per image
 ```
+
+Or the repo's own pipeline (packs a batch into ONE forward, never pads; `pool=True` is the mean over an image's
+patches, as BAGEL's tower has no pooling head):
+
+```python
+from transformers import pipeline
+
+extractor = pipeline("image-feature-extraction", model=repo, trust_remote_code=True)
+vectors = extractor(["a.jpg", "b.png"], pool=True, batch_size=2)   # [[1][{hidden}], [1][{hidden}]]
+```
+
+`handler.py` serves the same on Inference Endpoints: `{{"inputs": <base64 image | list>, "parameters": {{"pool": true}}}}`.
+
+**CPU dtype.** On CPUs with native bf16 (AMX or AVX512_BF16) load in `torch.bfloat16`: measured 0.29x the fp32
+time on an Intel Xeon with AMX, 0.55x on an AMD EPYC with AVX512_BF16. On AVX2-only CPUs bf16 is emulated and
+4-5x slower: load in `torch.float32`. `torch.cpu._is_avx512_bf16_supported()` tells which case you are in.
 
 Export back to a plain transformers checkpoint (no remote code): `python convert_checkpoint.py --src {repo_path}
 --out siglip-stock --to stock-siglip`."""

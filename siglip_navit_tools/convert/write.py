@@ -19,7 +19,7 @@ import torch
 
 from ..io import atomic
 from ..io.safetensors import SafetensorsFile, SafetensorsWriter, VerificationError, verify_file
-from ..repo_code import REMOTE_CODE_FILES, REPO_ROOT, modeling
+from ..repo_code import HUB_CODE_FILES, REPO_ROOT, modeling
 from . import hub
 from .options import ConversionError, ConvertOptions
 from .plan import DTYPE_NAMES, Item, Plan
@@ -191,13 +191,14 @@ def verify_output(plan: Plan, outdir: Path, chunk_bytes: int) -> None:
 
 
 def write_side_files(plan: Plan, outdir: Path, options: ConvertOptions) -> list[str]:
-    """config.json, preprocessor_config.json, README.md and (our layout) the remote-code files; returns their names."""
+    """config.json, preprocessor_config.json, README.md and (our layout) the remote-code files, the pipeline and
+    handler.py; returns their names."""
     written = []
     if plan.to == "stock-siglip":
         config, processor = hub.stock_config_dict(plan), hub.stock_preprocessor_dict(plan.config)
     else:
         config, processor = hub.navit_config_dict(plan), hub.navit_preprocessor_dict(plan.config)
-        for name in REMOTE_CODE_FILES:
+        for name in HUB_CODE_FILES:
             if not (REPO_ROOT / name).is_file():
                 raise ConversionError(f"{REPO_ROOT / name} is missing: run the converter from a complete checkout.")
             shutil.copyfile(REPO_ROOT / name, outdir / name)
@@ -214,5 +215,5 @@ def output_file_list(plan: Plan) -> list[str]:
         files.append(INDEX_FILE)
     files += list(SIDE_FILES)
     if plan.to != "stock-siglip":
-        files += list(REMOTE_CODE_FILES)
+        files += list(HUB_CODE_FILES)
     return files
