@@ -30,20 +30,22 @@ BAGEL_GEOMETRY = dict(patch_size=14, image_size=980, model_type="siglip_vision_m
 # ----------------------------------------------------------------------------------------------------------------
 # Configs, models, packs
 # ----------------------------------------------------------------------------------------------------------------
+# A 2-layer model on a 6x6 patch grid (patch 4, 24 px): heads of 8 dims so RoPE halves are 4-wide.
+TINY = dict(hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4, num_channels=3,
+            image_size=24, patch_size=4, rope=False)  # fmt: skip
+# BAGEL-7B-MoT's tower as BAGEL runs it (so400m/14, 980 px, 26 layers, learned positions).
+BAGEL_VIT = dict(hidden_size=1152, intermediate_size=4304, num_attention_heads=16, num_hidden_layers=26,
+                 patch_size=14, image_size=980, rope=False)  # fmt: skip
+
+
 def tiny_config(**overrides):
-    """A 2-layer model on a 6x6 patch grid (patch 4, 24 px): heads of 8 dims so RoPE halves are 4-wide."""
-    kwargs = dict(
-        hidden_size=32,
-        intermediate_size=48,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_channels=3,
-        image_size=24,
-        patch_size=4,
-        rope=False,
-    )
-    kwargs.update(overrides)
-    return repo_code.configuration().SiglipNaViTConfig(**kwargs)
+    """The TINY config with `overrides`."""
+    return repo_code.configuration().SiglipNaViTConfig(**{**TINY, **overrides})
+
+
+def bagel_config(**overrides):
+    """BAGEL-7B-MoT's full-size tower config with `overrides` (build it on the meta device in tests)."""
+    return repo_code.configuration().SiglipNaViTConfig(**{**BAGEL_VIT, **overrides})
 
 
 def randomize_(model: torch.nn.Module, seed: int = 0, scale: float = 0.2) -> torch.nn.Module:

@@ -7,7 +7,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 import transformers
-from conftest import cfg_mod, make_model, make_pack, model_mod, randomize_, tiny_config
+from conftest import make_model, make_pack, model_mod, randomize_, tiny_config
+
+from siglip_navit_tools.testing import bagel_config
 
 BACKENDS = ["eager", "sdpa"]
 TOL = 1e-5
@@ -370,18 +372,6 @@ def test_conversion_on_meta_device():
 # ---- the full-size BAGEL tower on the meta device ----------------------------------------------------------------
 
 
-def bagel_config(**overrides):
-    kwargs = dict(
-        hidden_size=1152,
-        intermediate_size=4304,
-        num_attention_heads=16,
-        num_hidden_layers=26,
-        patch_size=14,
-        image_size=980,
-        rope=False,
-    )
-    kwargs.update(overrides)
-    return cfg_mod.SiglipNaViTConfig(**kwargs)
 
 
 def test_full_size_bagel_layout_on_meta_device():
