@@ -15,7 +15,6 @@ run (A B A B ...) so drifting machine load hits both sides alike. Sections:
 """
 
 import argparse
-import gc
 import statistics
 import subprocess
 import sys
@@ -141,6 +140,130 @@ def rss_peak_bytes() -> int:
     raise RuntimeError("no VmHWM in /proc/self/status")
 
 
+def native_image(ours, stock, gen, repeats: int) -> None:
+    """Section 1: one 980x980 image, ours vs stock SigLIP."""
+    image = torch.randn(1, 3, IMAGE, IMAGE, generator=gen)
+    native = make_pack([(SIDE, SIDE)], gen)
+    native["packed_pixel_values"] = repo_code.image_processing().patchify(image[0], PATCH)  # the one patch layout
+    diff = (ours(**native).last_hidden_state - stock(pixel_values=image).last_hidden_state[0]).abs().max().item()
+    t = interleaved_times({"stock": lambda: stock(pixel_values=image), "ours": lambda: ours(**native)}, repeats)
+    print("### 1. One 980x980 image (4900 patches)\n")
+    print("| model | time / stock: median (fastest run) | max abs diff vs stock |\n| --- | --- | --- |")
+    print("| transformers SiglipVisionModel (sdpa) | 1.00 | - |")
+    ratio = statistics.median(t["ours"]) / statistics.median(t["stock"])
+    print(f"| ours (sdpa, packed API) | {ratio:.3f} ({min(t['ours']) / min(t['stock']):.3f}) | {diff:.1e} |\n")
+
+
+def mixed_pack(ours, gen, layers: int, repeats: int) -> tuple[dict, list[int], float]:
+    """Section 2: the mixed pack, ours packed vs image by image vs Siglip2 padded. Returns (pack, lengths, seconds)."""
+    pack = make_pack(MIXED_GRIDS, gen)
+    singles = split_pack(pack, MIXED_GRIDS)
+    lengths = [h * w for h, w in MIXED_GRIDS]
+    siglip2_config = transformers.Siglip2VisionConfig(
+        hidden_size=HIDDEN, intermediate_size=MLP, num_attention_heads=HEADS, num_hidden_layers=layers,
+        patch_size=PATCH, num_patches=SIDE * SIDE, vision_use_head=False,
+    )  # fmt: skip
+    siglip2_config._attn_implementation = "sdpa"
+    siglip2 = transformers.Siglip2VisionModel(siglip2_config).eval()
+    longest = max(lengths)
+    padded = torch.zeros(len(lengths), longest, 3 * PATCH * PATCH)
+    mask = torch.zeros(len(lengths), longest, dtype=torch.long)
+    for i, single in enumerate(singles):
+        padded[i, : lengths[i]] = single["packed_pixel_values"]
+        mask[i, : lengths[i]] = 1
+    shapes = torch.tensor(MIXED_GRIDS)
+    t = interleaved_medians({
+        "packed": lambda: ours(**pack),
+        "single": lambda: [ours(**s) for s in singles],
+        "siglip2": lambda: siglip2(pixel_values=padded, pixel_attention_mask=mask, spatial_shapes=shapes),
+    }, repeats)  # fmt: skip
+    flops_packed = analytic_flops(lengths, layers)
+    flops_padded = analytic_flops([longest] * len(lengths), layers)
+    print(f"### 2. Mixed pack {lengths} ({sum(lengths)} patches)\n")
+    print("| run | time / ours packed | analytic GFLOP |\n| --- | --- | --- |")
+    print(f"| ours, one packed forward | 1.00 | {flops_packed / 1e9:.0f} |")
+    print(f"| ours, image by image | {t['single'] / t['packed']:.2f} | {flops_packed / 1e9:.0f} |")
+    print(f"| Siglip2VisionModel (NaFlex), padded batch + mask | {t['siglip2'] / t['packed']:.2f} | "
+          f"{flops_padded / 1e9:.0f} |\n")  # fmt: skip
+
+    return pack, lengths, t["packed"]
+
+
+def flop_rate(lengths: list[int], packed_seconds: float, layers: int, repeats: int) -> None:
+    """Section 3: the packed forward's FLOP rate against torch.matmul on the same shapes."""
+    flops_packed = analytic_flops(lengths, layers)
+    achieved = flops_packed / packed_seconds
+    ceiling = matmul_rate(sum(lengths), repeats)
+    print("### 3. Achieved FLOP rate of the packed forward\n")
+    print("| | GFLOP/s | share of matmul |\n| --- | --- | --- |")
+    print(f"| torch.matmul fp32 on the layer's linear shapes (faster weight layout) | {ceiling / 1e9:.0f} | 100% |")
+    print(f"| ours, mixed pack (linear + attention FLOPs) | {achieved / 1e9:.0f} | {100 * achieved / ceiling:.0f}% |\n")
+
+
+
+def bf16_on_this_cpu(config, ours, pack, lengths, reference, gen, repeats: int) -> None:
+    """Section 4: bf16 vs fp32 on this CPU, the whole tower and one Linear."""
+    ours_bf16 = model_mod.SiglipVisionModel(config).eval()
+    ours_bf16.load_state_dict(ours.state_dict())
+    ours_bf16.to(torch.bfloat16)
+    bf16_out = ours_bf16(**pack).last_hidden_state.float()
+    t = interleaved_medians({"fp32": lambda: ours(**pack), "bf16": lambda: ours_bf16(**pack)}, max(2, repeats // 2))
+    cos = torch.nn.functional.cosine_similarity(bf16_out.double().flatten(), reference.double().flatten(), dim=0).item()
+    x32 = torch.randn(sum(lengths), HIDDEN, generator=gen)
+    fc32 = torch.nn.Linear(HIDDEN, MLP).eval()
+    fc16 = torch.nn.Linear(HIDDEN, MLP).eval().to(torch.bfloat16)
+    x16 = x32.to(torch.bfloat16)
+    lin = interleaved_medians({"fp32": lambda: fc32(x32), "bf16": lambda: fc16(x16)}, repeats)
+    print(f"### 4. bf16 on this CPU (mixed pack): {cpu.bf16_support()}\n")
+    print("| dtype | whole tower: time / fp32 | one MLP Linear: time / fp32 | max abs diff vs fp32 | cosine vs fp32 |")
+    print("| --- | --- | --- | --- | --- |")
+    print("| fp32 | 1.00 | 1.00 | - | - |")
+    print(f"| bf16 | {t['bf16'] / t['fp32']:.2f} | {lin['bf16'] / lin['fp32']:.2f} | "
+          f"{(bf16_out - reference).abs().max().item():.2e} | {cos:.6f} |\n")  # fmt: skip
+    advice = "load in bf16 (faster here)" if t["bf16"] < t["fp32"] else "load in float32 (bf16 is slower here)"
+    print(f"CPU users on this kind of CPU: {advice}.\n")
+
+
+
+def memory(ours, pack, lengths, layers: int) -> None:
+    """Section 5: peak RSS in a fresh process and the largest tensor any op returns."""
+    total = sum(lengths)
+    with LargestAllocation() as largest:
+        ours(**pack)
+    probe = subprocess.run([sys.executable, __file__, "--memory-probe", "--layers", str(layers)],
+                           capture_output=True, text=True, check=True).stdout.split()  # fmt: skip
+    model_gib, forward_gib = float(probe[0]), float(probe[1])
+    print("### 5. Memory (mixed pack)\n")
+    print("| | value |\n| --- | --- |")
+    print(f"| peak RSS of a fresh process: after building the model / during the packed forward | "
+          f"{model_gib:.2f} GiB / {forward_gib:.2f} GiB (+{forward_gib - model_gib:.2f} GiB for the forward) |")  # fmt: skip
+    print(f"| largest tensor any op returned | {largest.shape} = {largest.numel / 1e6:.1f} M elements ({largest.op}) |")
+    print(f"| a (total x total) score matrix would be | ({total}, {total}) = {total * total / 1e6:.1f} M elements per head |")
+    print(f"| largest / (total x total) | {largest.numel / (total * total):.3f} |\n")
+
+
+
+def compile_section(ours, pack, reference, repeats: int) -> None:
+    """Section 6: torch.compile -- graph breaks, compile time, speed."""
+    from torch import _dynamo
+
+    _dynamo.reset()
+    explanation = _dynamo.explain(ours)(**pack)
+    compiled = torch.compile(ours)
+    start = time.perf_counter()
+    compiled_out = compiled(**pack).last_hidden_state
+    compile_seconds = time.perf_counter() - start
+    t = interleaved_medians({"eager": lambda: ours(**pack), "compiled": lambda: compiled(**pack)}, max(2, repeats // 2))
+    print("### 6. torch.compile (mixed pack)\n")
+    print("| | value |\n| --- | --- |")
+    print(f"| graphs / graph breaks | {explanation.graph_count} / {explanation.graph_break_count} |")
+    for reason in explanation.break_reasons[:5]:
+        print(f"| break reason | {str(reason.reason).splitlines()[0][:120]} |")
+    print(f"| first call (compile) | {compile_seconds:.0f} s |")
+    print(f"| compiled time / eager time | {t['compiled'] / t['eager']:.2f} |")
+    print(f"| max abs diff compiled vs eager | {(compiled_out - reference).abs().max().item():.1e} |\n")
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--layers", type=int, default=2)
@@ -163,118 +286,16 @@ def main(argv=None) -> int:
     print(f"torch {torch.__version__}, transformers {transformers.__version__}, {torch.get_num_threads()} threads; "
           f"so400m width (hidden {HIDDEN}, {HEADS} heads, MLP {MLP}), {args.layers} layers, fp32, "
           f"median of {args.repeats}\n")  # fmt: skip
-
-    # 1. one native image --------------------------------------------------------------------------------------
-    image = torch.randn(1, 3, IMAGE, IMAGE, generator=gen)
-    native = make_pack([(SIDE, SIDE)], gen)
-    native["packed_pixel_values"] = image[0].reshape(3, SIDE, PATCH, SIDE, PATCH).permute(1, 3, 2, 4, 0).reshape(-1, 588)
-    diff = (ours(**native).last_hidden_state - stock(pixel_values=image).last_hidden_state[0]).abs().max().item()
-    t = interleaved_times({"stock": lambda: stock(pixel_values=image), "ours": lambda: ours(**native)}, args.repeats)
-    print("### 1. One 980x980 image (4900 patches)\n")
-    print("| model | time / stock: median (fastest run) | max abs diff vs stock |\n| --- | --- | --- |")
-    print("| transformers SiglipVisionModel (sdpa) | 1.00 | - |")
-    ratio = statistics.median(t["ours"]) / statistics.median(t["stock"])
-    print(f"| ours (sdpa, packed API) | {ratio:.3f} ({min(t['ours']) / min(t['stock']):.3f}) | {diff:.1e} |\n")
+    native_image(ours, stock, gen, args.repeats)
     if args.native_only:
         return 0
-
-    # 2. mixed pack -----------------------------------------------------------------------------------------------
-    pack = make_pack(MIXED_GRIDS, gen)
-    singles = split_pack(pack, MIXED_GRIDS)
-    lengths = [h * w for h, w in MIXED_GRIDS]
-    siglip2_config = transformers.Siglip2VisionConfig(
-        hidden_size=HIDDEN, intermediate_size=MLP, num_attention_heads=HEADS, num_hidden_layers=args.layers,
-        patch_size=PATCH, num_patches=SIDE * SIDE, vision_use_head=False,
-    )  # fmt: skip
-    siglip2_config._attn_implementation = "sdpa"
-    siglip2 = transformers.Siglip2VisionModel(siglip2_config).eval()
-    longest = max(lengths)
-    padded = torch.zeros(len(lengths), longest, 3 * PATCH * PATCH)
-    mask = torch.zeros(len(lengths), longest, dtype=torch.long)
-    for i, single in enumerate(singles):
-        padded[i, : lengths[i]] = single["packed_pixel_values"]
-        mask[i, : lengths[i]] = 1
-    shapes = torch.tensor(MIXED_GRIDS)
-    t = interleaved_medians({
-        "packed": lambda: ours(**pack),
-        "single": lambda: [ours(**s) for s in singles],
-        "siglip2": lambda: siglip2(pixel_values=padded, pixel_attention_mask=mask, spatial_shapes=shapes),
-    }, args.repeats)  # fmt: skip
-    flops_packed = analytic_flops(lengths, args.layers)
-    flops_padded = analytic_flops([longest] * len(lengths), args.layers)
-    print(f"### 2. Mixed pack {lengths} ({sum(lengths)} patches)\n")
-    print("| run | time / ours packed | analytic GFLOP |\n| --- | --- | --- |")
-    print(f"| ours, one packed forward | 1.00 | {flops_packed / 1e9:.0f} |")
-    print(f"| ours, image by image | {t['single'] / t['packed']:.2f} | {flops_packed / 1e9:.0f} |")
-    print(f"| Siglip2VisionModel (NaFlex), padded batch + mask | {t['siglip2'] / t['packed']:.2f} | "
-          f"{flops_padded / 1e9:.0f} |\n")  # fmt: skip
-
-    # 3. FLOP rate ------------------------------------------------------------------------------------------------
-    achieved = flops_packed / t["packed"]
-    ceiling = matmul_rate(sum(lengths), args.repeats)
-    print("### 3. Achieved FLOP rate of the packed forward\n")
-    print("| | GFLOP/s | share of matmul |\n| --- | --- | --- |")
-    print(f"| torch.matmul fp32 on the layer's linear shapes (faster weight layout) | {ceiling / 1e9:.0f} | 100% |")
-    print(f"| ours, mixed pack (linear + attention FLOPs) | {achieved / 1e9:.0f} | {100 * achieved / ceiling:.0f}% |\n")
-
-    # 4. bf16 -----------------------------------------------------------------------------------------------------
+    pack, lengths, packed_seconds = mixed_pack(ours, gen, args.layers, args.repeats)
+    flop_rate(lengths, packed_seconds, args.layers, args.repeats)
     reference = ours(**pack).last_hidden_state
-    ours_bf16 = model_mod.SiglipVisionModel(config).eval()
-    ours_bf16.load_state_dict(ours.state_dict())
-    ours_bf16.to(torch.bfloat16)
-    bf16_out = ours_bf16(**pack).last_hidden_state.float()
-    t = interleaved_medians({"fp32": lambda: ours(**pack), "bf16": lambda: ours_bf16(**pack)}, max(2, args.repeats // 2))
-    cos = torch.nn.functional.cosine_similarity(bf16_out.double().flatten(), reference.double().flatten(), dim=0).item()
-    x32 = torch.randn(sum(lengths), HIDDEN, generator=gen)
-    fc32 = torch.nn.Linear(HIDDEN, MLP).eval()
-    fc16 = torch.nn.Linear(HIDDEN, MLP).eval().to(torch.bfloat16)
-    x16 = x32.to(torch.bfloat16)
-    lin = interleaved_medians({"fp32": lambda: fc32(x32), "bf16": lambda: fc16(x16)}, args.repeats)
-    print(f"### 4. bf16 on this CPU (mixed pack): {cpu.bf16_support()}\n")
-    print("| dtype | whole tower: time / fp32 | one MLP Linear: time / fp32 | max abs diff vs fp32 | cosine vs fp32 |")
-    print("| --- | --- | --- | --- | --- |")
-    print("| fp32 | 1.00 | 1.00 | - | - |")
-    print(f"| bf16 | {t['bf16'] / t['fp32']:.2f} | {lin['bf16'] / lin['fp32']:.2f} | "
-          f"{(bf16_out - reference).abs().max().item():.2e} | {cos:.6f} |\n")  # fmt: skip
-    advice = "load in bf16 (faster here)" if t["bf16"] < t["fp32"] else "load in float32 (bf16 is slower here)"
-    print(f"CPU users on this kind of CPU: {advice}.\n")
-    ours_bf16 = bf16_out = None  # free before the memory section
-    gc.collect()
-
-    # 5. memory ---------------------------------------------------------------------------------------------------
-    total = sum(lengths)
-    with LargestAllocation() as largest:
-        ours(**pack)
-    probe = subprocess.run([sys.executable, __file__, "--memory-probe", "--layers", str(args.layers)],
-                           capture_output=True, text=True, check=True).stdout.split()  # fmt: skip
-    model_gib, forward_gib = float(probe[0]), float(probe[1])
-    print("### 5. Memory (mixed pack)\n")
-    print("| | value |\n| --- | --- |")
-    print(f"| peak RSS of a fresh process: after building the model / during the packed forward | "
-          f"{model_gib:.2f} GiB / {forward_gib:.2f} GiB (+{forward_gib - model_gib:.2f} GiB for the forward) |")  # fmt: skip
-    print(f"| largest tensor any op returned | {largest.shape} = {largest.numel / 1e6:.1f} M elements ({largest.op}) |")
-    print(f"| a (total x total) score matrix would be | ({total}, {total}) = {total * total / 1e6:.1f} M elements per head |")
-    print(f"| largest / (total x total) | {largest.numel / (total * total):.3f} |\n")
-
-    # 6. torch.compile --------------------------------------------------------------------------------------------
+    bf16_on_this_cpu(config, ours, pack, lengths, reference, gen, args.repeats)
+    memory(ours, pack, lengths, args.layers)
     if not args.skip_compile:
-        from torch import _dynamo
-
-        _dynamo.reset()
-        explanation = _dynamo.explain(ours)(**pack)
-        compiled = torch.compile(ours)
-        start = time.perf_counter()
-        compiled_out = compiled(**pack).last_hidden_state
-        compile_seconds = time.perf_counter() - start
-        t = interleaved_medians({"eager": lambda: ours(**pack), "compiled": lambda: compiled(**pack)}, max(2, args.repeats // 2))
-        print("### 6. torch.compile (mixed pack)\n")
-        print("| | value |\n| --- | --- |")
-        print(f"| graphs / graph breaks | {explanation.graph_count} / {explanation.graph_break_count} |")
-        for reason in explanation.break_reasons[:5]:
-            print(f"| break reason | {str(reason.reason).splitlines()[0][:120]} |")
-        print(f"| first call (compile) | {compile_seconds:.0f} s |")
-        print(f"| compiled time / eager time | {t['compiled'] / t['eager']:.2f} |")
-        print(f"| max abs diff compiled vs eager | {(compiled_out - reference).abs().max().item():.1e} |\n")
+        compile_section(ours, pack, reference, args.repeats)
     return 0
 
 

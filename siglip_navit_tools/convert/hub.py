@@ -189,7 +189,7 @@ vectors = extractor(["a.jpg", "b.png"], pool=True, batch_size=2)   # [[1][{hidde
 
 `handler.py` serves the same on Inference Endpoints: `{{"inputs": <base64 image | list>, "parameters": {{"pool": true}}}}`.
 
-**CPU dtype.** On CPUs with native bf16 (AMX or AVX512_BF16) load in `torch.bfloat16`: measured 0.29x the fp32
+**CPU dtype.** On CPUs with native bf16 (AMX or AVX512_BF16) load in `torch.bfloat16`: measured 0.24x the fp32
 time on an Intel Xeon with AMX, 0.55x on an AMD EPYC with AVX512_BF16. On AVX2-only CPUs bf16 is emulated and
 4-5x slower: load in `torch.float32`. `torch.cpu._is_avx512_bf16_supported()` tells which case you are in.
 
