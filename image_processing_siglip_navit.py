@@ -123,15 +123,22 @@ _IMAGE_ERRORS = (
 )  # fmt: skip
 
 
-def _with_index(err: Exception, index: int) -> Exception:
-    """`err` with "image {index}: " in front of its message, of the same type where it can be rebuilt (OSErrors keep
-    their errno, so callers can still tell a failing disk from a bad file); else a ValueError."""
-    if str(err).startswith(f"image {index}:"):
+def with_image_index(err: Exception, index: int, replaces: Optional[int] = None) -> Exception:
+    """`err` with "image {index}: " in front of its message (instead of "image {replaces}: " when given: a caller
+    that processed the image alone renumbers it), of the same type where it can be rebuilt (OSErrors keep their
+    errno and filename, so callers can still tell a failing disk from a bad file); else a ValueError."""
+    if replaces is None and str(err).startswith(f"image {index}:"):
         return err
+
+    def named(text: Any) -> str:
+        text = str(text)
+        old = f"image {replaces}: "
+        return f"image {index}: {text[len(old):] if replaces is not None and text.startswith(old) else text}"
+
     if isinstance(err, OSError) and err.errno is not None:
-        return type(err)(err.errno, f"image {index}: {err.strerror}", err.filename)
+        return type(err)(err.errno, named(err.strerror), err.filename)
     try:
-        return type(err)(f"image {index}: {err}")
+        return type(err)(named(err))
     except Exception:  # noqa: BLE001 - an exception type that needs other constructor arguments
         return ValueError(f"image {index}: {type(err).__name__}: {err}")
 
@@ -732,6 +739,7 @@ class SiglipNaViTImageProcessor(BaseImageProcessor):
         return side * side
 
     concatenate_packs = staticmethod(concatenate_packs)
+    with_image_index = staticmethod(with_image_index)
 
     def _image_to_uint8(self, image: Any, index: int, s: dict) -> np.ndarray:
         """One input -> its resized (H, W, 3) uint8 pixels."""
@@ -779,7 +787,7 @@ class SiglipNaViTImageProcessor(BaseImageProcessor):
             try:  # every failure names its image (e.g. PIL's "image file is truncated", a closed image)
                 pixels = self._image_to_uint8(image, index, s)
             except _IMAGE_ERRORS as err:
-                named = _with_index(err, index)
+                named = with_image_index(err, index)
                 if named is err:
                     raise
                 raise named from err
@@ -852,4 +860,5 @@ __all__ = [
     "build_cu_seqlens",
     "concatenate_packs",
     "unpack_features",
+    "with_image_index",
 ]

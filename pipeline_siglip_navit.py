@@ -87,17 +87,6 @@ def _flag(name: str, value: Any) -> bool:
     return value
 
 
-def _renumbered(err: Exception, index: int) -> Exception:
-    """The processor saw this image alone, so its errors say "image 0": give them the image's index in the call."""
-    message = str(err)
-    if message.startswith("image 0: "):
-        message = message[len("image 0: ") :]
-    try:
-        return type(err)(f"image {index}: {message}")
-    except Exception:  # noqa: BLE001 - an exception type that needs other constructor arguments
-        return ValueError(f"image {index}: {type(err).__name__}: {message}")
-
-
 def _load_image_processor(model: Any) -> Any:
     """The processor saved beside the model. transformers 4.49's `pipeline()` loads image processors only for
     built-in config classes, so ours (remote code from the repo this pipeline came from) is loaded here."""
@@ -273,7 +262,8 @@ class SiglipNaViTFeatureExtractionPipeline(Pipeline):
                 image = open_image(image, timeout)
             return self.image_processor(image, **processor_kwargs)
         except (ValueError, TypeError, OSError) as err:
-            raise _renumbered(err, index) from err
+            # the processor saw this image alone ("image 0"): name it by its place in the call, type and errno kept
+            raise self.image_processor.with_image_index(err, index, replaces=0) from err
 
     def _forward(self, model_inputs: dict) -> dict:
         """One pack of any number of images -> `{"grids": [(h_i, w_i, C), ...]}` (views of the packed output)."""

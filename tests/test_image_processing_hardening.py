@@ -61,9 +61,14 @@ def test_failures_name_the_image_index(make_bad, error):
 def test_os_errors_keep_their_errno():
     import errno
 
-    err = ipm._with_index(OSError(errno.EIO, "Input/output error", "x.png"), 3)
+    err = ipm.with_image_index(OSError(errno.EIO, "Input/output error", "x.png"), 3)
     assert isinstance(err, OSError) and err.errno == errno.EIO and err.filename == "x.png"
     assert str(err.strerror).startswith("image 3: ")
+    # renumbering (the pipeline processes images one at a time): the prefix is replaced, type and errno kept
+    again = ipm.with_image_index(FileNotFoundError(errno.ENOENT, "image 0: No such file", "y.png"), 5, replaces=0)
+    assert type(again) is FileNotFoundError and again.errno == errno.ENOENT and again.strerror == "image 5: No such file"
+    value = ipm.with_image_index(ValueError("image 0: bad"), 7, replaces=0)
+    assert type(value) is ValueError and str(value) == "image 7: bad"
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -294,3 +294,18 @@ def test_save_pretrained_reloads_as_our_pipeline(pipe, tmp_path):
     assert type(again).__name__ == PIPELINE_CLASS
     image = images()[2]
     close(again(image, return_grid=True, return_tensors=True), reference(pipe, image))
+
+
+def test_renumbered_errors_keep_type_and_errno(pipe, tmp_path, monkeypatch):
+    import errno
+
+    path = tmp_path / "flaky.png"
+    images()[0].save(path)
+
+    def failing_disk(*args, **kwargs):
+        raise OSError(errno.EIO, "Input/output error", str(path))
+
+    monkeypatch.setattr(PIL.Image, "open", failing_disk)
+    with pytest.raises(OSError, match=r"image 1: Input/output error") as info:
+        pipe([np.zeros((8, 8, 3), np.uint8), str(path)])
+    assert info.value.errno == errno.EIO and info.value.filename == str(path)

@@ -142,7 +142,13 @@ def replace_directory(tmp: Path, out: Path) -> None:
             raise
         fsync_parent(out)
         if backup.is_dir() and not backup.is_symlink():
-            shutil.rmtree(backup, ignore_errors=True)
+            # Re-park the old output as one of OUR marked temporaries before deleting it: a `.OUT.old-*` then exists
+            # only between the two renames above, so a deletion killed halfway is cleaned up by the next run instead
+            # of being "restored" as if it were a complete previous output.
+            doomed = temporary_sibling(out, uuid.uuid4().hex[:8])
+            os.rename(backup, doomed)
+            (doomed / DIR_MARKER).write_text(f"{socket.gethostname()} {os.getpid()}\n")
+            shutil.rmtree(doomed, ignore_errors=True)
         else:
             backup.unlink()
     else:
@@ -209,4 +215,6 @@ def recover_leftovers(out: Path, dry_run: bool = False) -> list[str]:
             lines.append(f"{would}remove {tmp.name}: the partial output of an interrupted run.")
         elif alive is True:
             lines.append(f"left {tmp.name} alone: the run writing it is still running.")
+        else:
+            lines.append(f"left {tmp.name} alone: not marked as made by this tool; remove it if it is a leftover.")
     return lines
