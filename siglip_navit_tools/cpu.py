@@ -2,7 +2,7 @@
 """What kind of CPU this is, for the one dtype decision that depends on it: bf16 or fp32 on the CPU.
 
 CPUs with native bf16 matrix units (AVX512_BF16, or AMX) run the tower's Linear layers in bf16 several times
-faster than fp32; on AVX2-only CPUs bf16 is emulated and 4-5x SLOWER. Owns that detection and the `auto` dtype
+faster than fp32; on AVX2-only CPUs bf16 is emulated and 4-6x SLOWER. Owns that detection and the `auto` dtype
 choice built on it (benchmarks/bench_forward.py prints it, extract_features.py --dtype auto uses it). Must not
 import the model or change any global torch setting.
 """

@@ -191,7 +191,7 @@ vectors = extractor(["a.jpg", "b.png"], pool=True, batch_size=2)   # [[1][{hidde
 
 **CPU dtype.** On CPUs with native bf16 (AMX or AVX512_BF16) load in `torch.bfloat16`: measured 0.24x the fp32
 time on an Intel Xeon with AMX, 0.55x on an AMD EPYC with AVX512_BF16. On AVX2-only CPUs bf16 is emulated and
-4-5x slower: load in `torch.float32`. `torch.cpu._is_avx512_bf16_supported()` tells which case you are in.
+4-6x slower (5.6x measured for the whole tower): load in `torch.float32`. `torch.cpu._is_avx512_bf16_supported()` tells which case you are in.
 
 Export back to a plain transformers checkpoint (no remote code): `python convert_checkpoint.py --src {repo_path}
 --out siglip-stock --to stock-siglip`."""

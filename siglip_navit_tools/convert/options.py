@@ -118,7 +118,7 @@ def parse_size(text: str | int, flag: str = "--max-shard-size", bounds: tuple[in
     else:
         size = _size_of_text(str(text), flag)
     if size <= 0:
-        raise ConversionError(f"{flag} {text!r} must be positive.")
+        raise ConversionError(f"{flag} {text!r} must be positive: choose {low} to {high} bytes.")
     if not low <= size <= high:
         raise ConversionError(f"{flag} {text!r} is out of range: choose {low} to {high} bytes.")
     return size

@@ -57,8 +57,10 @@ def is_bad_image_error(exc: BaseException) -> bool:
 
 
 def error_text(exc: BaseException) -> str:
-    """How a skipped image's error is logged and listed in the manifest."""
-    return f"{type(exc).__name__}: {exc}".strip()
+    """How a skipped image's error is logged and listed in the manifest (the processor saw the image alone, so its
+    "image 0: " prefix says nothing: the id is listed beside the error)."""
+    text = str(exc)
+    return f"{type(exc).__name__}: {text[len('image 0: '):] if text.startswith('image 0: ') else text}".strip()
 
 
 class NotAnImageFile(ValueError):

@@ -44,7 +44,7 @@ def _repo_classes() -> tuple[Any, Any]:
 
 def resolve_dtype(requested: str, device: torch.device) -> tuple[str, str]:
     """`--dtype` -> (a key of DTYPES, one line saying why). "auto": bfloat16 on CUDA devices that support it and on
-    CPUs with native bf16 (AMX, AVX512_BF16), float32 elsewhere (bf16 is emulated, 4-5x slower, on AVX2-only CPUs)."""
+    CPUs with native bf16 (AMX, AVX512_BF16), float32 elsewhere (bf16 is emulated, 4-6x slower, on AVX2-only CPUs)."""
     if requested != "auto":
         return requested, f"--dtype {requested}"
     chosen = cpu.auto_dtype(device)
