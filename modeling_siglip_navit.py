@@ -598,9 +598,10 @@ class SiglipAttention(nn.Module):
         hidden_states: torch.Tensor,
         packed: PackedSequences,
         position_embeddings: Optional[tuple[torch.Tensor, torch.Tensor]] = None,
-        output_attentions: bool = False,
-    ) -> tuple[torch.Tensor, Optional[list[torch.Tensor]]]:
-        """-> (output `(total, hidden)`, one `(heads, n_i, n_i)` map per image when `output_attentions`, else None)."""
+        attention_maps: Optional[list] = None,
+    ) -> torch.Tensor:
+        """-> `(total, hidden)` (a plain tensor, as upstream); with an `attention_maps` list, one `(heads, n_i, n_i)`
+        map per image is appended to it (eager attention only)."""
         total = hidden_states.shape[0]
         shape = (total, self.num_heads, self.head_dim)
         query = self.q_proj(hidden_states).view(shape)
@@ -616,9 +617,8 @@ class SiglipAttention(nn.Module):
             query, key = query.view(shape), key.view(shape)
 
         dropout = self.dropout if self.training else 0.0
-        maps = [] if output_attentions else None
-        attn_output = packed_attention(query, key, value, packed, self.scale, dropout, attention_maps=maps)
-        return self.out_proj(attn_output.reshape(total, self.embed_dim)), maps
+        attn_output = packed_attention(query, key, value, packed, self.scale, dropout, attention_maps=attention_maps)
+        return self.out_proj(attn_output.reshape(total, self.embed_dim))
 
 
 # Upstream's name for the packed flash-attention subclass. Here one class serves every backend (chosen by
@@ -655,18 +655,18 @@ class SiglipEncoderLayer(nn.Module):
         hidden_states: torch.Tensor,
         packed: PackedSequences,
         position_embeddings: Optional[tuple[torch.Tensor, torch.Tensor]] = None,
-        output_attentions: bool = False,
-    ) -> tuple[torch.Tensor, Optional[list[torch.Tensor]]]:
-        """-> (output `(total, hidden)`, the per-image attention maps when `output_attentions`, else None)."""
+        attention_maps: Optional[list] = None,
+    ) -> torch.Tensor:
+        """-> `(total, hidden)` (a plain tensor, as upstream); `attention_maps`: see `SiglipAttention.forward`."""
         residual = hidden_states
         hidden_states = self.layer_norm1(hidden_states)
-        hidden_states, attn_weights = self.self_attn(hidden_states, packed, position_embeddings, output_attentions)
+        hidden_states = self.self_attn(hidden_states, packed, position_embeddings, attention_maps)
         hidden_states = residual + hidden_states
 
         residual = hidden_states
         hidden_states = self.layer_norm2(hidden_states)
         hidden_states = self.mlp(hidden_states)
-        return residual + hidden_states, attn_weights
+        return residual + hidden_states
 
 
 class SiglipEncoder(nn.Module):
@@ -690,17 +690,19 @@ class SiglipEncoder(nn.Module):
         all_hidden_states = (hidden_states,) if output_hidden_states else None
         all_attentions = () if output_attentions else None
         for layer in self.layers:
+            maps = [] if output_attentions else None
             if self.gradient_checkpointing and self.training:
                 # positional arguments only: reentrant checkpointing does not forward kwargs
-                hidden_states, attn_weights = self._gradient_checkpointing_func(
-                    layer.__call__, hidden_states, packed, position_embeddings, output_attentions
+                hidden_states = self._gradient_checkpointing_func(
+                    layer.__call__, hidden_states, packed, position_embeddings, maps
                 )
             else:
-                hidden_states, attn_weights = layer(hidden_states, packed, position_embeddings, output_attentions)
+                hidden_states = layer(hidden_states, packed, position_embeddings, maps)
             if output_hidden_states:
                 all_hidden_states = all_hidden_states + (hidden_states,)
             if output_attentions:
-                all_attentions = all_attentions + (attn_weights,)
+                # a copy: a checkpointed layer re-runs (and appends again) during the backward pass
+                all_attentions = all_attentions + (list(maps),)
         return BaseModelOutput(
             last_hidden_state=hidden_states, hidden_states=all_hidden_states, attentions=all_attentions
         )

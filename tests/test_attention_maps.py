@@ -205,3 +205,17 @@ def test_gradient_checkpointing_with_attentions():
     out = model(**pack, output_attentions=True)
     assert len(out.attentions) == config.num_hidden_layers and len(out.attentions[0]) == len(GRIDS)
     out.last_hidden_state.sum().backward()
+
+
+def test_layers_return_plain_tensors_as_upstream():
+    """Forward hooks and direct callers see what BAGEL's layers return: a tensor, maps or not."""
+    config = tiny_config()
+    model = make_model(config, attn="eager")
+    seen = []
+    model.vision_model.encoder.layers[0].register_forward_hook(lambda mod, args, out: seen.append(out))
+    model.vision_model.encoder.layers[0].self_attn.register_forward_hook(lambda mod, args, out: seen.append(out))
+    with torch.no_grad():
+        out = model(**make_pack([(3, 5), (2, 2)], config), output_attentions=True)
+        model(**make_pack([(3, 5), (2, 2)], config))
+    assert len(seen) == 4 and all(isinstance(o, torch.Tensor) and o.shape == (19, config.hidden_size) for o in seen)
+    assert len(out.attentions) == config.num_hidden_layers and all(len(layer) == 2 for layer in out.attentions)
