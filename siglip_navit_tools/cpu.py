@@ -10,18 +10,20 @@ import the model or change any global torch setting.
 from __future__ import annotations
 
 import platform
-from pathlib import Path
 
 import torch
 
+from .io.files import read_regular_text
+
+CPUINFO = "/proc/cpuinfo"
 NATIVE_BF16 = "native bf16 (AMX)", "native bf16 (AVX512_BF16)"
 EMULATED_BF16 = "no native bf16 (AVX2 or older: bf16 is emulated)"
 
 
 def _cpuinfo_flags() -> set[str]:
     try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
+        text = read_regular_text(CPUINFO)
+    except (OSError, ValueError):
         return set()
     for line in text.splitlines():
         if line.startswith("flags"):
@@ -48,10 +50,10 @@ def has_native_bf16() -> bool:
 def cpu_name() -> str:
     """The processor's model name (Linux), else what `platform` says."""
     try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
+        for line in read_regular_text(CPUINFO).splitlines():
             if line.startswith("model name"):
                 return line.split(":", 1)[1].strip()
-    except OSError:
+    except (OSError, ValueError):
         pass
     return platform.processor() or platform.machine()
 

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Optional, Union
 
 from huggingface_hub import ModelCard, ModelCardData
 
+from ..io.files import read_regular_text
 from ..repo_code import CONFIG_AUTO_MAP, PROCESSOR_AUTO_MAP, REPO_ROOT, custom_pipelines, image_processing
 from .options import DEFAULT_LICENSE, ConversionError, ConvertOptions
 
@@ -54,7 +55,7 @@ def stock_config_dict(plan: "Plan") -> dict:
 def navit_preprocessor_dict(config) -> dict:
     """preprocessor_config.json: the repo's template (else BAGEL's settings) with the model's geometry filled in."""
     path = REPO_ROOT / "preprocessor_config.json"
-    template = json.loads(path.read_text()) if path.is_file() else None
+    template = json.loads(read_regular_text(path)) if path.is_file() else None
     settings = image_processing().SiglipNaViTImageProcessor.settings_for_model(config, template)
     return {"auto_map": dict(PROCESSOR_AUTO_MAP), **settings}
 
