@@ -593,12 +593,13 @@ def test_existing_target_needs_force(tmp_path, capsys):
     src, ref = make_bagel(tmp_path)
     out = unique_dir(tmp_path, "existing")
     out.mkdir()
-    (out / "keep.txt").write_text("user data")
+    (out / "config.json").write_text("an earlier checkpoint")  # --force replaces only a checkpoint folder
+    (out / "model-00001-of-00002.safetensors").write_text("an earlier shard")
     assert convert("--src", src, "--out", out) == 1
     assert "--force" in capsys.readouterr().err
-    assert (out / "keep.txt").read_text() == "user data"
+    assert (out / "config.json").read_text() == "an earlier checkpoint"
     assert convert("--src", src, "--out", out, "--force") == 0
-    assert not (out / "keep.txt").exists() and (out / "model.safetensors").exists()
+    assert not (out / "model-00001-of-00002.safetensors").exists() and (out / "model.safetensors").exists()
     assert leftovers(tmp_path) == []
     empty = unique_dir(tmp_path, "empty")
     empty.mkdir()
@@ -614,7 +615,7 @@ def test_interrupted_run_leaves_nothing(tmp_path, monkeypatch, capsys, existing)
     out = unique_dir(tmp_path, "interrupted")
     if existing:
         out.mkdir()
-        (out / "old.txt").write_text("old")
+        (out / "config.json").write_text("old")  # an earlier checkpoint: what --force may replace
     calls = []
     real = st_io._write_tensor_data
 
@@ -630,7 +631,7 @@ def test_interrupted_run_leaves_nothing(tmp_path, monkeypatch, capsys, existing)
     assert "interrupted" in capsys.readouterr().err
     assert leftovers(tmp_path) == []
     if existing:
-        assert sorted(p.name for p in out.iterdir()) == ["old.txt"]
+        assert sorted(p.name for p in out.iterdir()) == ["config.json"]
     else:
         assert not out.exists()
 

@@ -447,7 +447,7 @@ def test_unwritable_target_is_one_paragraph(tmp_path, capsys, monkeypatch, code,
     src, _ = make_bagel(tmp_path)
     out = unique_dir(tmp_path, "full")
     out.mkdir()
-    (out / "keep.txt").write_text("previous")
+    (out / "config.json").write_text("previous")  # an earlier checkpoint: what --force may replace
 
     def fail(*a, **k):
         raise OSError(code, os.strerror(code))
@@ -463,4 +463,5 @@ def test_unwritable_target_is_one_paragraph(tmp_path, capsys, monkeypatch, code,
     assert convert("--src", src, "--out", out, "--force") == 1
     err = one_paragraph(capsys.readouterr().err)
     assert f"{REASONS[code]} while writing" in err and "nothing was changed at --out" in err
-    assert sorted(p.name for p in out.iterdir()) == ["keep.txt"] and leftovers(tmp_path) == []
+    assert sorted(p.name for p in out.iterdir()) == ["config.json"] and leftovers(tmp_path) == []
+    assert (out / "config.json").read_text() == "previous"
