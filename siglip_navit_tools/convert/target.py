@@ -133,7 +133,8 @@ def force_refusal(out: Path) -> Optional[str]:
     looks = any(e.name == "config.json" or e.name.endswith(WEIGHT_SUFFIXES) for e in entries)
     if looks and not foreign:
         return None
-    names = ", ".join(_shown(e) for e in foreign[:LISTED]) + (f", ... ({len(foreign) - LISTED} more)" if len(foreign) > LISTED else "")
+    more = f", ... ({len(foreign) - LISTED} more)" if len(foreign) > LISTED else ""
+    names = ", ".join(_shown(e) for e in foreign[:LISTED]) + more
     why = f"it holds {len(foreign)} entr{'y' if len(foreign) == 1 else 'ies'} no model repo has ({names})" if foreign \
         else "it holds no config.json and no *.safetensors"
     return (

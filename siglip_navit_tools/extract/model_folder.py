@@ -1,5 +1,5 @@
 # Copyright 2026 The siglip-navit authors. Licensed under the Apache License, Version 2.0.
-"""What `--model` must be, checked before transformers reads it: a SigLIP-NaViT repo, not what it is often confused with.
+"""What `--model` must be, checked before transformers reads it: a SigLIP-NaViT repo, not what it is confused with.
 
 Owns the refusals that say what `--model` is instead and how to make the right thing from it: a stock SigLIP
 checkpoint or a BAGEL folder (convert it with `convert_checkpoint.py --src ...`), another model type, and (a local

@@ -195,7 +195,8 @@ def test_two_real_converters_into_one_out_one_fails_clearly(tmp_path, src):
                              stderr=subprocess.PIPE, text=True)  # fmt: skip
     deadline = time.monotonic() + 120
     while not started.exists():
-        assert first.poll() is None and time.monotonic() < deadline, first.stderr.read() if first.poll() is not None else ""
+        ended = first.poll() is not None
+        assert not ended and time.monotonic() < deadline, first.stderr.read() if ended else "never started writing"
         time.sleep(0.05)
     second = subprocess.run([sys.executable, str(REPO_ROOT / "convert_checkpoint.py"), *argv], env=env,
                             capture_output=True, text=True, timeout=300)  # fmt: skip

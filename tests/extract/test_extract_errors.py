@@ -105,7 +105,7 @@ def test_empty_path_options_are_not_the_current_directory(tmp_path, images, mode
     assert sorted(p.name for p in tmp_path.iterdir()) == ["images"]
 
 
-# ---- what is in --output ----------------------------------------------------------------------------------------------
+# ---- what is in --output ----------------------------------------------------------------------------------------
 @pytest.mark.parametrize("name", ["manifest.json", ".lock", "shard-00000-of-00001.safetensors"])
 @pytest.mark.parametrize("kind", ["directory", "fifo"])
 def test_output_entries_that_are_not_files_are_one_line_never_opened(tmp_path, images, model_dir, capsys, name, kind):
@@ -155,7 +155,8 @@ def test_read_only_output_is_one_line(tmp_path, images, model_dir, where):
 
 
 @pytest.mark.parametrize("how", ["oserror", "safetensors"])
-def test_disk_full_mid_run_is_one_paragraph_and_the_rerun_resumes(tmp_path, images, model_dir, capsys, monkeypatch, how):
+def test_disk_full_mid_run_is_one_paragraph_and_the_rerun_resumes(tmp_path, images, model_dir, capsys, monkeypatch,
+                                                                   how):
     out = tmp_path / "out"
     if how == "oserror":
         real = atomic.replace_file
@@ -183,7 +184,7 @@ def test_disk_full_mid_run_is_one_paragraph_and_the_rerun_resumes(tmp_path, imag
     assert extract(model_dir, images, out, "--shard-size", "2") == 0 and manifest(out)["complete"]
 
 
-# ---- --model ----------------------------------------------------------------------------------------------------------
+# ---- --model ----------------------------------------------------------------------------------------------------
 def _stock_export(parent: Path) -> Path:
     from transformers import SiglipVisionConfig, SiglipVisionModel
 

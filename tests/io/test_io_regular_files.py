@@ -60,7 +60,8 @@ KINDS = {"fifo": "a FIFO", "folder": "a directory", "socket": "a socket", "devic
 
 @pytest.mark.parametrize("name", list(KINDS))
 def test_open_regular_file_refuses_every_other_kind_without_blocking(zoo, name):
-    for reader in (files.open_regular_file, files.read_regular_bytes, files.read_regular_text, files.check_regular_file):
+    readers = (files.open_regular_file, files.read_regular_bytes, files.read_regular_text, files.check_regular_file)
+    for reader in readers:
         with no_hang(), pytest.raises(NotARegularFile) as info:
             reader(zoo / name)
         assert info.value.kind == KINDS[name] and isinstance(info.value, ValueError)
@@ -205,7 +206,7 @@ def test_a_directory_reached_twice_is_listed_once(tmp_path, monkeypatch):
     assert files.tree_entries(root) == [root / "a"]
 
 
-# ---- the class: no raw local reads anywhere in the tools --------------------------------------------------------------
+# ---- the class: no raw local reads anywhere in the tools ------------------------------------------------------
 PACKAGE = Path(siglip_navit_tools.__file__).parent
 
 
@@ -218,7 +219,8 @@ def _raw_reads(tree: ast.AST) -> list[tuple[int, str]]:
             continue
         func = node.func
         if isinstance(func, ast.Name) and func.id == "open":
-            mode = node.args[1] if len(node.args) > 1 else next((k.value for k in node.keywords if k.arg == "mode"), None)
+            given = [k.value for k in node.keywords if k.arg == "mode"]
+            mode = node.args[1] if len(node.args) > 1 else (given[0] if given else None)
             text = mode.value if isinstance(mode, ast.Constant) else "r"
             if not set(text) & set("wax+"):
                 found.append((node.lineno, "open() for reading"))
@@ -239,10 +241,11 @@ def test_every_local_read_in_the_tools_goes_through_io_files():
             continue
         for line, what in _raw_reads(ast.parse(path.read_text(), str(path))):
             offenders.append(f"{path.relative_to(PACKAGE)}:{line}: {what}")
-    assert not offenders, "read local files with siglip_navit_tools.io.files (regular files only):\n" + "\n".join(offenders)
+    hint = "read local files with siglip_navit_tools.io.files (regular files only):\n"
+    assert not offenders, hint + "\n".join(offenders)
 
 
 def test_the_scan_sees_what_it_looks_for():
-    code = "import json\nopen(p)\nopen(p, 'rb')\nopen(p, 'wb')\njson.load(f)\nPath(p).read_text()\n(d / 'x').read_bytes()"
+    code = "open(p)\nopen(p, 'rb')\nopen(p, mode='wb')\njson.load(f)\nPath(p).read_text()\n(d / 'x').read_bytes()"
     assert [what for _, what in _raw_reads(ast.parse(code))] == [
         "open() for reading", "open() for reading", "json.load", ".read_text() of a path", ".read_bytes()"]
