@@ -13,7 +13,7 @@ from pathlib import Path
 
 from ..io.atomic import describe_os_error
 from ..io.files import NotARegularFile
-from ..io.lock import _HELD, FileLock, LockBusy, _close_in_forked_child  # noqa: F401 - re-exported for tests
+from ..io.lock import FileLock, LockBusy
 from .options import UsageError
 
 LOCK = ".lock"

@@ -141,6 +141,8 @@ def glob_files(pattern: str) -> list[str]:
     (as pathlib's `rglob`, `find` and Python 3.13's `Path.glob` do) and never lists one real directory twice: a
     symlink loop cannot make the listing endless. Components without `**` are glob's own (one level each: always
     finite). Paths are spelled as glob spells them; duplicates are dropped, order is glob's then walk order."""
+    # Our own `**`: Python 3.11's glob.glob follows symlinked directories under ** (endless on a loop), pathlib's glob
+    # spells paths differently and gained recurse_symlinks only in 3.13, and wcmatch is not a dependency.
     parts = pattern.split(os.sep)
     if "**" not in parts:
         return glob.glob(pattern)

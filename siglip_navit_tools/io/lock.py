@@ -12,7 +12,9 @@ The lock file is only ever a regular file of ours: a directory, FIFO, device or 
 (`NotARegularFile`), never opened. By default the file stays after release (a waiter and the holder share one inode);
 with `remove=True` the holder unlinks it before unlocking, and a taker checks after locking that the name still
 leads to the inode it locked (else it lost a race with such a removal and tries again), so no file is left behind.
-Must not know what the lock protects, nor word the errors its callers show.
+Not the `filelock` package on POSIX: its lock stays held by forked children (DataLoader workers) and it cannot refuse
+a non-regular lock file; it is the fallback where fcntl does not exist. Must not know what the lock protects, nor
+word the errors its callers show.
 """
 
 from __future__ import annotations
