@@ -360,3 +360,30 @@ def test_symlink_to_an_empty_folder_is_explained_not_called_not_empty(tmp_path, 
     out.symlink_to(other)
     assert convert("--src", src, "--out", out, "--force") == 0  # --force replaces the link, never its target
     assert not out.is_symlink() and (out / "model.safetensors").is_file() and list(other.iterdir()) == []
+
+
+# ---- a read-only place for --out (item 6, the converter's side) ------------------------------------------------------
+@pytest.mark.parametrize("where", ["out_in_read_only_folder", "read_only_parent_of_missing_parents"])
+def test_a_read_only_out_is_one_paragraph(tmp_path, src, where):
+    """A real read-only file system (as root: a read-only bind mount in a private mount namespace; otherwise the
+    folder's write bits cleared); skipped only where neither can be made."""
+    from siglip_navit_tools.testing import read_only_prefix
+
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    out = ro / "out" if where == "out_in_read_only_folder" else ro / "new" / "deeper" / "out"
+    prefix, how = read_only_prefix(ro)
+    if prefix is None:
+        pytest.skip(f"cannot make a read-only location here: {how}")
+    try:
+        argv = [sys.executable, str(REPO_ROOT / "convert_checkpoint.py"), "--src", str(src), "--out", str(out),
+                "--no-progress"]  # fmt: skip
+        env = {**os.environ, "PYTHONPATH": str(REPO_ROOT), "HF_HUB_OFFLINE": "1"}
+        result = subprocess.run([*prefix, *argv], capture_output=True, text=True, timeout=300, env=env)
+    finally:
+        os.chmod(ro, 0o755)
+    assert result.returncode == 1, (how, result.stderr)
+    err = error_paragraph(result.stderr)
+    reason = "read-only file system" if os.geteuid() == 0 else "permission denied"
+    assert err.startswith(f"error: {reason} while writing") and "nothing was changed at --out" in err, err
+    assert list(ro.iterdir()) == []
