@@ -12,7 +12,7 @@ def test_default_backend_is_sdpa_when_built_directly():
     config = tiny_config()
     model = model_mod.SiglipVisionModel(config)
     assert model.config._attn_implementation == "sdpa"
-    assert model_mod.select_attention_kernel(None, torch.device("cpu"), torch.float32, 0.0) == "sdpa"
+    assert model_mod.select_attention_kernel(None, torch.device("cpu"), torch.float32, 0.0) is model_mod.sdpa_attention_per_image
 
 
 def test_model_declares_backend_support_flags():
@@ -80,14 +80,16 @@ def test_flash_attention_without_flash_attn_is_a_clear_error():
 def test_kernel_selection_on_cuda(monkeypatch):
     cuda = torch.device("cuda")
     monkeypatch.setattr(model_mod, "varlen_attn", lambda *a, **k: None)
-    assert model_mod.select_attention_kernel("sdpa", cuda, torch.bfloat16, 0.0) == "varlen"
-    assert model_mod.select_attention_kernel("sdpa", cuda, torch.float16, 0.0) == "varlen"
-    assert model_mod.select_attention_kernel("sdpa", cuda, torch.float32, 0.0) == "sdpa"  # varlen is half-only
-    assert model_mod.select_attention_kernel("sdpa", cuda, torch.bfloat16, 0.1) == "sdpa"  # varlen has no dropout
-    assert model_mod.select_attention_kernel("sdpa", torch.device("cpu"), torch.bfloat16, 0.0) == "sdpa"
-    assert model_mod.select_attention_kernel("eager", cuda, torch.bfloat16, 0.0) == "eager"
+    select = model_mod.select_attention_kernel
+    varlen, per_image = model_mod.torch_varlen_attention, model_mod.sdpa_attention_per_image
+    assert select("sdpa", cuda, torch.bfloat16, 0.0) is varlen
+    assert select("sdpa", cuda, torch.float16, 0.0) is varlen
+    assert select("sdpa", cuda, torch.float32, 0.0) is per_image  # varlen is half-only
+    assert select("sdpa", cuda, torch.bfloat16, 0.1) is per_image  # varlen has no dropout
+    assert select("sdpa", torch.device("cpu"), torch.bfloat16, 0.0) is per_image
+    assert select("eager", cuda, torch.bfloat16, 0.0) is model_mod.eager_attention_per_image
     monkeypatch.setattr(model_mod, "varlen_attn", None)  # an older torch
-    assert model_mod.select_attention_kernel("sdpa", cuda, torch.bfloat16, 0.0) == "sdpa"
+    assert select("sdpa", cuda, torch.bfloat16, 0.0) is per_image
 
 
 def segment_reference(q, k, v, cu, scale):
@@ -152,10 +154,11 @@ def test_torch_varlen_call_contract(monkeypatch):
     monkeypatch.setattr(model_mod, "varlen_attn", fake_varlen)
     q, k, v = (torch.randn(47, 4, 8) for _ in range(3))
     cu = torch.tensor([0, 36, 46, 47], dtype=torch.int32)
-    packed = model_mod.PackedSequences(cu_seqlens=cu, max_seqlen=36, runs=None, kernel="varlen")
-    out = model_mod.packed_attention(q, k, v, packed, scale=8**-0.5)
-    loop = model_mod.PackedSequences(cu, 36, [(0, 36, 1), (36, 10, 1), (46, 1, 1)], "sdpa")
-    torch.testing.assert_close(out, model_mod.packed_attention(q, k, v, loop, scale=8**-0.5))
+    packed = model_mod.PackedSequences(cu_seqlens=cu, max_seqlen=36, runs=None,
+                                       attention=model_mod.torch_varlen_attention)  # fmt: skip
+    out = packed.attention(q, k, v, packed, 8**-0.5)
+    loop = model_mod.PackedSequences(cu, 36, [(0, 36, 1), (36, 10, 1), (46, 1, 1)], model_mod.sdpa_attention_per_image)
+    torch.testing.assert_close(out, loop.attention(q, k, v, loop, 8**-0.5))
     assert calls == [(cu, cu, 36, 36, {})]
 
 
