@@ -604,6 +604,23 @@ class SiglipVisionTransformer(nn.Module):
         )
 
 
+def check_loading_info(loading_info: dict, where: str) -> None:
+    """RuntimeError (as torch's strict `load_state_dict`) naming every tensor `from_pretrained` reported missing,
+    unexpected or of another shape. Not a ValueError: transformers 4.x pipelines catch those and try other classes."""
+    kinds = (("missing_keys", "missing"), ("unexpected_keys", "unexpected"), ("mismatched_keys", "misshaped"))
+    problems = [
+        f"{what}: {', '.join(sorted(k if isinstance(k, str) else k[0] for k in loading_info[key]))}"
+        for key, what in kinds
+        if loading_info.get(key)
+    ]
+    if problems:
+        raise RuntimeError(
+            f"{where}: the checkpoint does not match the model ({'; '.join(problems)}); loading it anyway would leave "
+            "tensors randomly initialised. Load a complete converted checkpoint (convert_checkpoint.py writes one), or "
+            "pass output_loading_info=True to get this report instead of the error."
+        )
+
+
 class SiglipPreTrainedModel(PreTrainedModel):
     config_class = SiglipNaViTConfig
     config: SiglipNaViTConfig
@@ -636,6 +653,18 @@ class SiglipPreTrainedModel(PreTrainedModel):
 
         checked_attn_implementation(config._attn_implementation_internal, choose)
         return config
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *model_args, **kwargs):
+        """As transformers' `from_pretrained`, but strict: a checkpoint that lacks tensors of this model, holds tensors
+        it does not use or stores one in another shape is a RuntimeError naming them, never a model with silently random
+        weights (transformers' default). With `output_loading_info=True` the caller gets the report and decides."""
+        if kwargs.get("output_loading_info"):
+            return super().from_pretrained(pretrained_model_name_or_path, *model_args, **kwargs)
+        kwargs["output_loading_info"] = True
+        model, loading_info = super().from_pretrained(pretrained_model_name_or_path, *model_args, **kwargs)
+        check_loading_info(loading_info, f"{cls.__name__}.from_pretrained({str(pretrained_model_name_or_path)!r})")
+        return model
 
     def _init_weights(self, module: nn.Module) -> None:
         """Initialise one module's OWN parameters (transformers 5.x skips containers whose leaves are loaded)."""
@@ -749,5 +778,6 @@ __all__ = [
     "convert_conv2d_to_linear",
     "convert_linear_to_conv2d",
     "conv2d_weight_to_linear",
+    "check_loading_info",
     "linear_weight_to_conv2d",
 ]
