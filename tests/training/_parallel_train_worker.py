@@ -1,7 +1,7 @@
 """One rank of a 2-process data-parallel training check (DDP or FSDP2), launched with torchrun.
 
     python -m torch.distributed.run --standalone --nnodes 1 --nproc-per-node 2 \
-        tests/_parallel_train_worker.py --mode {ddp,fsdp2} [--grad-ckpt] --out DIR
+        tests/training/_parallel_train_worker.py --mode {ddp,fsdp2} [--grad-ckpt] --out DIR
 
 (`--mode ddp fsdp2` runs both modes one after the other in the same launch: each torchrun start costs
 seconds of interpreter and import time.)
@@ -13,7 +13,7 @@ DIR/{mode}_rank{r}.pt: its first-step output, its losses, the full (rank-average
 step and the full parameters after the second step, plus facts showing the wrapping really happened.
 
 `single_process_reference(rope)` computes the same quantities in one process without torch.distributed;
-tests/test_training_parallel.py compares the two. The module is importable: the pack, loss and model
+tests/training/test_training_parallel.py compares the two. The module is importable: the pack, loss and model
 definitions live here once and are shared by both sides.
 """
 

@@ -1,6 +1,6 @@
 """Training readiness: DDP and FSDP2 (`fully_shard`, one unit per encoder layer) on packed inputs.
 
-One real `torchrun` launch (2 gloo processes on CPU, tiny 3-layer models) runs tests/_parallel_train_worker.py
+One real `torchrun` launch (2 gloo processes on CPU, tiny 3-layer models) runs tests/training/_parallel_train_worker.py
 for both wrappings, with and without non-reentrant gradient checkpointing, rope off and on. Each rank trains
 on its own pack of several differently sized images. The results are compared with one process doing the
 same arithmetic without torch.distributed: each rank's forward output and loss, the rank-averaged gradients
@@ -21,9 +21,9 @@ import pytest
 import torch
 
 TESTS = Path(__file__).resolve().parent
-ROOT = TESTS.parent
+ROOT = TESTS.parents[1]
 WORKER = TESTS / "_parallel_train_worker.py"
-import _parallel_train_worker as worker  # tests/ is on pytest's pythonpath (pyproject.toml)
+import _parallel_train_worker as worker  # beside this file: pytest puts a test's folder on sys.path
 
 MODES = ["ddp", "fsdp2"]
 PASSES = [(rope, ckpt) for rope in (False, True) for ckpt in (False, True)]
