@@ -9,7 +9,9 @@ imports nothing the GPU image lacks.
 import subprocess
 import sys
 
-from conftest import ROOT
+from siglip_navit_tools import repo_code
+
+ROOT = repo_code.REPO_ROOT
 
 HEADINGS = (
     "## GPU check",

@@ -20,10 +20,13 @@ import transformers
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from conftest import ROOT, make_model, make_pack, randomize_, tiny_config, unique_dir
+from siglip_navit_tools import repo_code
 from siglip_navit_tools.convert import cli as convert_cli
 from siglip_navit_tools.convert import hub, write
 from siglip_navit_tools.io import safetensors as st_io
+from siglip_navit_tools.testing import make_model, make_pack, randomize_, tiny_config, unique_dir
+
+ROOT = repo_code.REPO_ROOT
 
 TRANSFORMERS_MAJOR = int(transformers.__version__.split(".")[0])
 FP32 = {"dtype" if TRANSFORMERS_MAJOR >= 5 else "torch_dtype": torch.float32}

@@ -17,10 +17,10 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from conftest import make_model, tiny_config, unique_dir
 from siglip_navit_tools.convert import plan as plan_mod
 from siglip_navit_tools.io import atomic, locations
 from siglip_navit_tools.io import safetensors as st_io
+from siglip_navit_tools.testing import make_model, tiny_config, unique_dir
 from test_convert_checkpoint import (
     BAGEL_OTHER,
     BAGEL_VIT_CONFIG,

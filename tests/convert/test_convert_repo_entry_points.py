@@ -11,10 +11,11 @@ import numpy as np
 import PIL.Image
 import torch
 import transformers
-from conftest import DTYPE_KWARG, unique_dir
 
 from siglip_navit_tools import repo_code
-from siglip_navit_tools.testing import tiny_converted_repo
+from siglip_navit_tools.testing import dtype_kwarg, tiny_converted_repo, unique_dir
+
+DTYPE_KWARG = dtype_kwarg()
 
 
 def test_converted_repo_serves_pipeline_and_handler(tmp_path, monkeypatch):

@@ -8,7 +8,6 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from conftest import unique_dir
 from siglip_navit_tools.convert import cli as convert_cli
 from siglip_navit_tools.convert.hub import card_metadata
 from siglip_navit_tools.convert.keymap import KeyLayout, map_key, source_key
@@ -22,6 +21,7 @@ from siglip_navit_tools.io.safetensors import (
     parse_header,
     verify_file,
 )
+from siglip_navit_tools.testing import unique_dir
 
 BAGEL = KeyLayout("bagel", "vit_model.")
 STOCK_4X = KeyLayout("siglip")

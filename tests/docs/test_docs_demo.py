@@ -6,7 +6,10 @@ import os
 import subprocess
 import sys
 
-from conftest import ROOT, unique_dir
+from siglip_navit_tools import repo_code
+from siglip_navit_tools.testing import unique_dir
+
+ROOT = repo_code.REPO_ROOT
 
 DEMO = ROOT / "examples" / "demo.py"
 

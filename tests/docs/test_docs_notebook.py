@@ -7,7 +7,10 @@ import sys
 
 import nbclient
 import nbformat
-from conftest import ROOT
+
+from siglip_navit_tools import repo_code
+
+ROOT = repo_code.REPO_ROOT
 
 NOTEBOOK = ROOT / "examples" / "quickstart.ipynb"
 

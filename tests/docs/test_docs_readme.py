@@ -13,12 +13,13 @@ import socket
 import subprocess
 import sys
 
-from conftest import ROOT
-
 from PIL import Image
 
+from siglip_navit_tools import repo_code
 from siglip_navit_tools.extract.cli import main as extract_main
 from siglip_navit_tools.testing import convert, tiny_converted_repo
+
+ROOT = repo_code.REPO_ROOT
 
 README = ROOT / "README.md"
 BLOCK = re.compile(r"^```python\n(.*?)^```", re.S | re.M)

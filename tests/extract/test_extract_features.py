@@ -9,15 +9,18 @@ import sys
 import numpy as np
 import pytest
 import torch
-from conftest import ROOT, build_hub_dir, make_model, tiny_config
 from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
+from siglip_navit_tools import repo_code
 from siglip_navit_tools.extract import cli as extract_cli
 from siglip_navit_tools.extract import inputs as extract_inputs
 from siglip_navit_tools.extract import run as extract_run
 from siglip_navit_tools.extract.packing import plan_batches
+from siglip_navit_tools.testing import build_hub_dir, make_model, tiny_config
+
+ROOT = repo_code.REPO_ROOT
 
 # tiny model on a 16x16 position table (patch 4, 64 px); the processor resizes every image to <= 64 px
 PROCESSOR = {

@@ -15,8 +15,12 @@ import PIL.Image
 import pytest
 import torch
 
-from conftest import ROOT, make_model, tiny_config
 from test_pipeline import close, count_forwards, images, make_pipeline_repo, reference
+
+from siglip_navit_tools import repo_code
+from siglip_navit_tools.testing import make_model, tiny_config
+
+ROOT = repo_code.REPO_ROOT
 
 HANDLER_FILE = "handler.py"
 

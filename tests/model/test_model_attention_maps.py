@@ -3,8 +3,12 @@ the clear error for the sdpa / flash kernels, which never form the probabilities
 
 import pytest
 import torch
-from conftest import build_hub_dir, make_model, make_pack, model_mod, tiny_config
 from transformers import AutoModel
+
+from siglip_navit_tools import repo_code
+from siglip_navit_tools.testing import build_hub_dir, make_model, make_pack, tiny_config
+
+model_mod = repo_code.modeling()
 
 GRIDS = [(6, 6), (2, 5), (2, 5), (1, 1)]  # two equal-length neighbours share one kernel call
 

@@ -6,8 +6,14 @@ import json
 
 import pytest
 import torch
-from conftest import DTYPE_KWARG, cfg_mod, copy_remote_code, make_model, model_mod, tiny_config, unique_dir
 from transformers import AutoConfig, AutoModel
+
+from siglip_navit_tools import repo_code
+from siglip_navit_tools.testing import copy_remote_code, dtype_kwarg, make_model, tiny_config, unique_dir
+
+cfg_mod = repo_code.configuration()
+model_mod = repo_code.modeling()
+DTYPE_KWARG = dtype_kwarg()
 
 Config = cfg_mod.SiglipNaViTConfig
 BOUNDS = cfg_mod.SIZE_FIELD_BOUNDS

@@ -10,20 +10,24 @@ import textwrap
 import pytest
 import torch
 import transformers
-from conftest import (
+from safetensors.torch import load_file, save_file
+from transformers import AutoConfig, AutoModel
+
+from siglip_navit_tools import repo_code
+from siglip_navit_tools.testing import (
     build_hub_dir,
-    DTYPE_KWARG,
-    ROOT,
-    cfg_mod,
     copy_remote_code,
+    dtype_kwarg,
     make_model,
     make_pack,
-    model_mod,
     tiny_config,
     unique_dir,
 )
-from safetensors.torch import load_file, save_file
-from transformers import AutoConfig, AutoModel
+
+ROOT = repo_code.REPO_ROOT
+cfg_mod = repo_code.configuration()
+model_mod = repo_code.modeling()
+DTYPE_KWARG = dtype_kwarg()
 
 GRIDS = [(6, 6), (2, 5), (1, 1)]
 

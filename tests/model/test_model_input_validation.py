@@ -3,7 +3,11 @@
 import numpy as np
 import pytest
 import torch
-from conftest import make_model, make_pack, model_mod, tiny_config
+
+from siglip_navit_tools import repo_code
+from siglip_navit_tools.testing import make_model, make_pack, tiny_config
+
+model_mod = repo_code.modeling()
 
 GRIDS = [(6, 6), (2, 5), (1, 1)]  # 47 patches, cu_seqlens [0, 36, 46, 47]
 

@@ -7,9 +7,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 import transformers
-from conftest import make_model, make_pack, model_mod, randomize_, tiny_config
 
-from siglip_navit_tools.testing import bagel_config
+from siglip_navit_tools import repo_code
+from siglip_navit_tools.testing import bagel_config, make_model, make_pack, randomize_, tiny_config
+
+model_mod = repo_code.modeling()
 
 BACKENDS = ["eager", "sdpa"]
 TOL = 1e-5
@@ -370,8 +372,6 @@ def test_conversion_on_meta_device():
 
 
 # ---- the full-size BAGEL tower on the meta device ----------------------------------------------------------------
-
-
 
 
 def test_full_size_bagel_layout_on_meta_device():

@@ -8,8 +8,13 @@ The reference here is written independently of the model's rotation: its own flo
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import DTYPE_KWARG, make_model, make_pack, model_mod, tiny_config, unique_dir
 from transformers import AutoModel
+
+from siglip_navit_tools import repo_code
+from siglip_navit_tools.testing import dtype_kwarg, make_model, make_pack, tiny_config, unique_dir
+
+model_mod = repo_code.modeling()
+DTYPE_KWARG = dtype_kwarg()
 
 TABLES = ("cos_h", "sin_h", "cos_w", "sin_w")
 # a 70 x 70 position grid like BAGEL's (angles up to 69 rad), 4 layers, heads of 16 dims (RoPE halves of 8)

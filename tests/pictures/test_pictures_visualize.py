@@ -12,10 +12,13 @@ import PIL.Image
 import PIL.ImageFont
 import pytest
 import torch
-from conftest import ROOT, make_model, make_pack, tiny_config
 
 import visualize as vis
-from siglip_navit import image_processing_siglip_navit as ipm
+from siglip_navit_tools import repo_code
+from siglip_navit_tools.testing import make_model, make_pack, tiny_config
+
+ROOT = repo_code.REPO_ROOT
+ipm = repo_code.image_processing()
 
 GRIDS = [(3, 5), (7, 2)]  # non-square patch grids (rows, cols), both orientations
 

@@ -15,8 +15,11 @@ import pytest
 import torch
 import transformers
 
-from conftest import DTYPE_KWARG, ROOT, build_hub_dir, make_model, tiny_config, unique_dir
 from siglip_navit_tools import repo_code
+from siglip_navit_tools.testing import build_hub_dir, dtype_kwarg, make_model, tiny_config, unique_dir
+
+ROOT = repo_code.REPO_ROOT
+DTYPE_KWARG = dtype_kwarg()
 
 PIPELINE_FILE = "pipeline_siglip_navit.py"
 PIPELINE_CLASS = "SiglipNaViTFeatureExtractionPipeline"

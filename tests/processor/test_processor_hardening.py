@@ -11,7 +11,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from test_processor_image_processing import ref_size
 
-from siglip_navit import image_processing_siglip_navit as ipm
+from siglip_navit_tools import repo_code
+
+ipm = repo_code.image_processing()
 
 Processor = ipm.SiglipNaViTImageProcessor
 GOOD = np.zeros((28, 28, 3), dtype=np.uint8)

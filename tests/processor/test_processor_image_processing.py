@@ -13,9 +13,13 @@ import numpy as np
 import PIL.Image
 import pytest
 import torch
-from conftest import ROOT, copy_remote_code, make_model, tiny_config, unique_dir
 
-from siglip_navit import image_processing_siglip_navit as ipm
+from siglip_navit_tools import repo_code
+from siglip_navit_tools.testing import copy_remote_code, dtype_kwarg, make_model, tiny_config, unique_dir
+
+ROOT = repo_code.REPO_ROOT
+DTYPE_KWARG = dtype_kwarg()
+ipm = repo_code.image_processing()
 
 Processor = ipm.SiglipNaViTImageProcessor
 
@@ -288,8 +292,7 @@ def test_patchify_layout_and_inverse():
 
 def test_one_patch_layout_everywhere():
     """The numpy / torch, HWC / CHW patchify paths and the model's Conv2d -> Linear weight layout are the same."""
-    from conftest import model_mod
-
+    model_mod = repo_code.modeling()
     c, p = 3, 4
     image = torch.randint(0, 256, (8, 12, c), dtype=torch.uint8)
     hwc = ipm.patchify_hwc(image, p)
@@ -658,8 +661,6 @@ def tiny_processor(**kwargs):
 def test_auto_classes_end_to_end(tmp_path, capfd):
     from transformers import AutoImageProcessor, AutoModel
 
-    import conftest
-
     config = tiny_config()
     model = make_model(config)
     folder = unique_dir(tmp_path, "navit_e2e")
@@ -679,8 +680,7 @@ def test_auto_classes_end_to_end(tmp_path, capfd):
     assert type(processor).__name__ == "SiglipNaViTImageProcessor"
     assert processor.max_num_patches_per_side == 6 and processor.patch_size == 4
 
-    dtype_kwarg = getattr(conftest, "DTYPE_KWARG", "torch_dtype")
-    loaded = AutoModel.from_pretrained(folder, trust_remote_code=True, **{dtype_kwarg: torch.float32}).eval()
+    loaded = AutoModel.from_pretrained(folder, trust_remote_code=True, **{DTYPE_KWARG: torch.float32}).eval()
 
     images = [rand_rgb(30, 20, 1), smooth_rgb(10, 17, 2), rand_rgb(5, 5, 3)]
     inputs = processor(images=images, return_tensors="pt")
