@@ -14,8 +14,7 @@ import shutil
 import PIL.Image
 import pytest
 import torch
-
-from test_pipeline import close, count_forwards, images, make_pipeline_repo, reference
+from _pipeline_repo import close, count_forwards, images, make_pipeline_repo, reference
 
 from siglip_navit_tools import repo_code
 from siglip_navit_tools.testing import make_model, tiny_config
