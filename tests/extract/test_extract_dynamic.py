@@ -9,15 +9,13 @@ import threading
 
 import torch
 import torch.distributed as dist
-from test_extract_features import good_paths, image_dir, model_dir, read_outputs, reference
+from _extract_helpers import good_paths, read_outputs, reference
 
 from siglip_navit_tools import repo_code
 from siglip_navit_tools.extract import distributed
 from siglip_navit_tools.extract.run import TEST_DELAY_ENV
 
 ROOT = repo_code.REPO_ROOT
-
-__all__ = ["image_dir", "model_dir"]  # fixtures shared with test_extract_features
 
 
 def test_claims_hand_every_position_to_exactly_one_claimer_and_runs_do_not_share_counters(monkeypatch):

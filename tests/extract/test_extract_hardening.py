@@ -15,9 +15,9 @@ import time
 
 import pytest
 import torch
+from _extract_helpers import extract, good_paths, read_outputs, reference, synthetic
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
-from test_extract_features import extract, good_paths, image_dir, model_dir, read_outputs, reference, synthetic
 
 from siglip_navit_tools import cpu, repo_code
 from siglip_navit_tools.extract import ExtractOptions, UsageError
@@ -27,8 +27,6 @@ from siglip_navit_tools.extract.run import TEST_DELAY_ENV
 from siglip_navit_tools.extract.shards import lock_output
 
 ROOT = repo_code.REPO_ROOT
-
-__all__ = ["image_dir", "model_dir"]  # fixtures shared with test_extract_features
 
 
 @contextlib.contextmanager
