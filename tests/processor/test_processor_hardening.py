@@ -9,7 +9,7 @@ import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from test_processor_image_processing import ref_size
+from _processor_reference import ref_size
 
 from siglip_navit_tools import repo_code
 
