@@ -16,7 +16,8 @@ def test_default_backend_is_sdpa_when_built_directly():
     config = tiny_config()
     model = model_mod.SiglipVisionModel(config)
     assert model.config._attn_implementation == "sdpa"
-    assert model_mod.select_attention_kernel(None, torch.device("cpu"), torch.float32, 0.0) is model_mod.sdpa_attention_per_image
+    kernel = model_mod.select_attention_kernel(None, torch.device("cpu"), torch.float32, 0.0)
+    assert kernel is model_mod.sdpa_attention_per_image
 
 
 def test_model_declares_backend_support_flags():
