@@ -1,7 +1,7 @@
 # Copyright 2026 The siglip-navit authors. Licensed under the Apache License, Version 2.0.
 """The ONE tiny-checkpoint builder: small configs, random models, packs, and checkpoints in every layout we read.
 
-Used by the tests (through tests/conftest.py), the benchmarks, scripts/make_figures.py, examples/demo.py and the
+Used by the tests (imported directly), the benchmarks, scripts/make_figures.py, examples/demo.py and the
 notebook. Owns: tiny configs and seeded random weights, hand-made packs (position ids written independently of the
 processor, as a cross-check), and writing checkpoints in BAGEL's layout (`ema.safetensors` + `vit_config.json`),
 stock SigLIP layouts, and a converted Hub repo (through the converter, as a user makes one). It must not hold

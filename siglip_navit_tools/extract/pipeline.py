@@ -83,7 +83,7 @@ def load_model_and_processor(
             model_class, processor_class = _repo_classes()
             model = model_class.from_pretrained(model_id, **model_kwargs)
             processor = processor_class.from_pretrained(model_id, **hub)
-    except (OSError, ValueError) as exc:
+    except (OSError, ValueError, RuntimeError) as exc:  # RuntimeError: a checkpoint missing tensors (strict load)
         raise UsageError(f"--model {model_id!r} could not be loaded: {exc}") from exc
     missing = [name for name in PROCESSOR_METHODS if not hasattr(processor, name)]
     if missing:
