@@ -23,6 +23,7 @@ import glob
 import io
 import logging
 import os
+import re
 import stat
 import struct
 import zlib
@@ -78,7 +79,9 @@ def error_text(exc: BaseException) -> str:
     """How a skipped image's error is logged and listed in the manifest (the processor saw the image alone, so its
     "image 0: " prefix says nothing: the id is listed beside the error)."""
     text = str(exc)
-    return f"{type(exc).__name__}: {text[len('image 0: '):] if text.startswith('image 0: ') else text}".strip()
+    text = text[len("image 0: "):] if text.startswith("image 0: ") else text
+    text = re.sub(r"<_io\.BytesIO object at 0x[0-9a-fA-F]+>", "(the image's bytes)", text)  # PIL names no file then
+    return f"{type(exc).__name__}: {text}".strip()
 
 
 class NotAnImageFile(ValueError):

@@ -147,11 +147,12 @@ class TarSource:
             sample = _Sample(broken_key)
         if where.reading is not None:
             place = f"in member {where.reading!r}"
+            inside = f"inside this sample ({place}: {reason})"
         else:
             place = f"after member {where.last!r}" if where.last is not None else "at its start (is it a tar?)"
+            inside = f"right after this sample's member {where.last!r}, so the sample may be incomplete ({reason})"
         if sample is not None:
-            yield Item(f"{tar}/{sample.key}", None,
-                       f"the tar is damaged or truncated {place}, inside or right after this sample ({reason})")  # fmt: skip
+            yield Item(f"{tar}/{sample.key}", None, f"the tar is damaged or truncated {inside}")
         yield Item(tar, None, f"damaged or truncated tar: reading stopped {place} ({reason}); the samples before it "
                               "are encoded, nothing after it can be read")  # fmt: skip
 
