@@ -3,7 +3,7 @@
 
 Owns which column holds the images (`--image-column`, else the first `datasets` Image feature the file's metadata
 declares, else the first Hugging Face `{"bytes", "path"}` struct, else the first binary column), reading a file one
-row group at a time (pyarrow's `iter_batches`: never a whole file in memory), and the ids: "<file name>:<row>", the
+row group at a time (`read_row_group`: never a whole file in memory), and the ids: "<file name>:<row>", the
 file name being its path below the folder all the run's files share. A row without an image is listed as skipped; a
 file that cannot be read (not parquet, no such column, damaged) is listed under its own name, with what was read
 before the damage still encoded. Rows are decoded by `datasets`, exactly as `load_dataset("parquet", ...)[i][column]`
@@ -20,7 +20,7 @@ import PIL.Image
 from .inputs import Item, checked_image_value, error_text, image_value_size, is_bad_image_error, open_stream, unit_names
 from .options import UsageError
 
-ROWS_PER_READ = 64  # rows converted to Python at a time (pyarrow still reads one row group's column chunk)
+ROWS_PER_READ = 64  # rows converted to Python at a time (one row group's column chunk is read at a time)
 
 
 class NoImageColumn(ValueError):
@@ -111,6 +111,16 @@ class ParquetSource:
         return self.decoder.decode_example(payload)
 
     # ---- one file --------------------------------------------------------------------------------------------------
+    def _column_of(self, schema: Any, name: str) -> str:
+        """This file's image column: --image-column, else the first file's (every file of a run uses one column)."""
+        if self.requested is not None:
+            return image_column(schema, self.requested, f"file {name!r}")
+        try:
+            return image_column(schema, self.column, f"file {name!r}")
+        except NoImageColumn:
+            raise NoImageColumn(f"file {name!r} has no image column {self.column!r} (the first file's; columns: "
+                                f"{schema.names}); name one with --image-column") from None  # fmt: skip
+
     def _rows(self, name: str) -> Iterator[Item]:
         import pyarrow.parquet as pq
 
@@ -118,11 +128,16 @@ class ParquetSource:
         try:
             with open_stream(self.locations[name]) as stream:
                 parquet = pq.ParquetFile(stream)
-                column = image_column(parquet.schema_arrow, self.column, f"file {name!r}")
-                for batch in parquet.iter_batches(batch_size=ROWS_PER_READ, columns=[column]):
-                    for value in batch.column(0).to_pylist():
-                        yield _row_item(f"{name}:{row}", value, column)
-                        row += 1
+                column = self._column_of(parquet.schema_arrow, name)
+                for group in range(parquet.num_row_groups):  # iter_batches would join row groups into one batch
+                    table = parquet.read_row_group(group, columns=[column])
+                    for batch in table.to_batches(max_chunksize=ROWS_PER_READ):
+                        for value in batch.column(0).to_pylist():
+                            yield _row_item(f"{name}:{row}", value, column)
+                            row += 1
+                    del table
+        except NoImageColumn as exc:
+            yield Item(name, None, str(exc))
         except Exception as exc:
             if not is_bad_image_error(exc):
                 raise
