@@ -85,19 +85,25 @@ class ParquetSource:
         self.identity = {"kind": "parquet", "column": self.column}
 
     def _first_file_column(self) -> str:
-        """The image column, read from the first file's footer alone (a clear error before anything runs)."""
+        """The image column, from the footer of the first file that can be read (a clear error before anything runs;
+        an unreadable file is listed when its shard is encoded)."""
         import pyarrow.parquet as pq
 
-        first = self.ids[0]
-        try:
-            with open_stream(self.locations[first]) as stream:
-                return image_column(pq.ParquetFile(stream).schema_arrow, self.requested, f"--input file {first!r}")
-        except NoImageColumn as exc:
-            raise UsageError(str(exc)) from exc
-        except Exception as exc:
-            if not is_bad_image_error(exc):
-                raise
-            raise UsageError(f"--input file {first!r} cannot be read as parquet: {error_text(exc)}") from exc
+        problems = []
+        for name in self.ids:
+            try:
+                with open_stream(self.locations[name]) as stream:
+                    schema = pq.ParquetFile(stream).schema_arrow
+            except Exception as exc:
+                if not is_bad_image_error(exc):
+                    raise
+                problems.append(f"{name!r}: {error_text(exc)}")
+                continue
+            try:
+                return image_column(schema, self.requested, f"--input file {name!r}")
+            except NoImageColumn as exc:
+                raise UsageError(str(exc)) from exc
+        raise UsageError(f"--input {len(self.ids)} parquet file(s), none readable as parquet (first: {problems[0]})")
 
     # ---- the source interface ------------------------------------------------------------------------------------
     def items(self, files: Iterable[str]) -> Iterator[Item]:

@@ -105,6 +105,12 @@ def test_bad_parquet_inputs_are_named_or_listed(corpora_model, tmp_path, capsys)
     reasons = {e["id"]: e["error"] for e in manifest["skipped"]}
     assert sorted(found) == ["a.parquet:0"] and set(reasons) == {"b.parquet", "c.parquet"}
     assert "has no image column" in reasons["b.parquet"] and "cannot be read" in reasons["c.parquet"]
+    (tmp_path / "0.parquet").write_bytes(b"garbage")  # the first file unreadable: the column comes from the next
+    assert extract(corpora_model, f"{tmp_path}/[0a].parquet", tmp_path / "first") == 0
+    manifest, found = read_safetensors(tmp_path / "first")
+    assert sorted(found) == ["a.parquet:0"] and [e["id"] for e in manifest["skipped"]] == ["0.parquet"]
+    assert extract(corpora_model, tmp_path / "0.parquet", tmp_path / "none") == 2
+    assert "none readable as parquet" in capsys.readouterr().err
 
 
 class CountingFile(io.RawIOBase):
