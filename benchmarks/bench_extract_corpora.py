@@ -4,7 +4,8 @@ each output format), and peak memory of --save-grids at two shard sizes. Prints 
     .venv/bin/python benchmarks/bench_extract_corpora.py [--images 64] [--repeats 3] [--memory-images 64]
     .venv/bin/python benchmarks/bench_extract_corpora.py --skip-speed --before /path/to/older/checkout  # + old RSS
 
-Speed: one process; the same --images synthetic JPEGs (random sizes, 160..720 px a side) as a folder, as 4 webdataset
+Speed: one process; first the input path alone (list, header size, decode, preprocess: where the input kinds differ),
+then end to end: the same --images synthetic JPEGs (random sizes, 160..720 px a side) as a folder, as 4 webdataset
 tars and as 4 parquet files (binary column), each run through `extract()` (default --num-workers 2, float32, a
 random-weight model of the so400m geometry with --hidden / --layers reduced so a CPU run takes minutes); the
 contenders are interleaved run by run and the median of --repeats images/s (the summary's, model loading excluded)
@@ -17,13 +18,13 @@ extractor of another checkout (e.g. one that held a shard's grids in memory unti
 
 import argparse
 import io
-import json
 import os
 import statistics
 import subprocess
 import sys
 import tarfile
 import tempfile
+import time
 from pathlib import Path
 
 import numpy as np
@@ -34,6 +35,7 @@ from PIL import Image
 
 from siglip_navit_tools import cpu, repo_code
 from siglip_navit_tools.extract import ExtractOptions, extract
+from siglip_navit_tools.extract.inputs import resolve_input
 from siglip_navit_tools.testing import build_hub_dir, make_model, tiny_config
 
 ROOT = repo_code.REPO_ROOT
@@ -77,11 +79,41 @@ def write_corpus(root: Path, images: list[bytes]) -> dict[str, str]:
             "parquet": str(root / "parquet")}  # fmt: skip
 
 
+def input_path_rate(source, processor) -> float:
+    """Images/s of one source's input path alone, in this process: list its items, read each header size, decode and
+    preprocess each image (what the extractor does per image, but the model)."""
+    start, count = time.perf_counter(), 0
+    for item in source.items(source.ids):
+        processor.patch_grid(*source.size(item.payload))
+        processor(images=source.load(item.payload))
+        count += 1
+    return count / (time.perf_counter() - start)
+
+
+def input_paths(args: argparse.Namespace, inputs: dict[str, str], model: Path) -> None:
+    """The input paths without the model: the one place tar / parquet / folder input differ."""
+    processor = repo_code.image_processing().SiglipNaViTImageProcessor.from_pretrained(model)
+    sources = {kind: resolve_input(spec) for kind, spec in inputs.items()}
+    rates = {kind: [] for kind in sources}
+    for repeat in range(args.repeats * 3 + 1):
+        for kind, source in sources.items():
+            rate = input_path_rate(source, processor)
+            if repeat:
+                rates[kind].append(rate)
+    base = statistics.median(rates["folder"])
+    print(f"\n### Input path alone (no model: list, header size, decode, preprocess; one process, median of "
+          f"{args.repeats * 3})\n")  # fmt: skip
+    print("| input | images/s | vs folder |\n| --- | ---: | ---: |")
+    for kind, values in rates.items():
+        print(f"| {kind} | {statistics.median(values):.1f} | {statistics.median(values) / base:.2f}x |")
+
+
 def speed(args: argparse.Namespace, work: Path) -> None:
     rng = np.random.default_rng(0)
     images = [jpeg(int(rng.integers(160, 721)), int(rng.integers(160, 721)), i) for i in range(args.images)]
     inputs = write_corpus(work / "corpus", images)
     model = model_folder(work, args.hidden, args.layers)
+    input_paths(args, inputs, model)
     quarter = -(-args.images // 4)  # the folder in 4 shards, as the 4 tars / parquet files are
     runs = {
         "folder (4 shards) -> safetensors": (inputs["folder"], "safetensors", quarter),

@@ -86,7 +86,7 @@ def test_parquet_output_read_by_pyarrow_pandas_and_datasets_equals_safetensors(r
     frame = pd.concat([pd.read_parquet(f) for f in files], ignore_index=True)  # pandas
     assert sorted(frame["id"]) == sorted(reference) and frame["grid_h"].dtype == np.int32
     for image_id, pooled in zip(frame["id"], frame["pooled"]):
-        assert torch.equal(torch.from_numpy(np.asarray(pooled, dtype=np.float32)), reference[image_id][0])
+        assert torch.equal(torch.from_numpy(np.array(pooled, dtype=np.float32)), reference[image_id][0])
 
     ds = datasets.load_dataset("parquet", data_files=f"{out}/*.parquet", split="train", cache_dir=str(tmp_path))
     assert len(ds) == len(reference) and sorted(ds["id"]) == sorted(reference)

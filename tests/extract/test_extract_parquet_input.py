@@ -4,7 +4,6 @@
 read lazily (a row group / a member at a time), never whole."""
 
 import io
-import json
 
 import numpy as np
 import pyarrow as pa

@@ -4,7 +4,6 @@ dot in a file name ends it), a sample without an image, a corrupt member, a trun
 encoded exactly once, equal to one forward per image, every skipped one listed with its reason; the same under two
 gloo ranks claiming tars dynamically; a killed run resumed with every sample still exactly once."""
 
-import json
 import os
 import signal
 import subprocess
