@@ -14,7 +14,7 @@ from typing import Optional, Sequence
 
 from .. import cli
 from . import distributed
-from .options import ATTN_IMPLEMENTATIONS, DEFAULT_SHARD_SIZE, DTYPE_CHOICES, ExtractOptions
+from .options import ATTN_IMPLEMENTATIONS, DEFAULT_SHARD_SIZE, DTYPE_CHOICES, FORMATS, ExtractOptions
 from .run import extract
 
 PROG = "extract_features.py"
@@ -25,13 +25,19 @@ def build_parser() -> argparse.ArgumentParser:
     d = _DEFAULTS
     parser = argparse.ArgumentParser(
         prog=PROG,
-        description="Encode images with SigLIP-NaViT into safetensors shards (token-budget packing, data parallel).",
+        description="Encode images with SigLIP-NaViT into safetensors, parquet or npy shards (token-budget packing, "
+        "data parallel, resumable).",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     add = parser.add_argument
     add("--model", required=True, help="model folder or Hub repo (SiglipVisionModel + its image processor)")
-    add("--input", required=True, help="image folder, glob (quote it), .txt list of paths, `datasets` folder or Hub id")
+    add("--input", required=True,
+        help="image folder, glob (quote it), .txt list of paths, `datasets` folder or Hub id; webdataset .tar shards "
+        "or parquet files: one, a glob, a brace range (\"shards/{00000..00099}.tar\"), a list, a folder, fsspec URLs")  # fmt: skip
     add("--output", required=True, help="output folder (manifest.json + shards)")
+    add("--format", choices=list(FORMATS), default=d.format,
+        help="safetensors: shard-*.safetensors; parquet: shard-*.parquet (id, pooled, grid_h, grid_w[, features]); "
+        "npy: embeddings/*.npy + metadata/*.parquet (autofaiss / clip-retrieval layout)")  # fmt: skip
     add("--max-patches-per-batch", type=int, default=d.max_patches_per_batch, help="token budget of one forward")
     add("--save-grids", action="store_true", help="also save each image's (h, w, C) feature map")
     add("--dtype", choices=list(DTYPE_CHOICES), default=d.dtype,
@@ -40,11 +46,16 @@ def build_parser() -> argparse.ArgumentParser:
     add("--device", default=d.device, help="default: cuda:LOCAL_RANK when CUDA is available, else cpu")
     add("--attn-implementation", default=d.attn_implementation, choices=list(ATTN_IMPLEMENTATIONS))
     add("--shard-size", type=int, default=d.shard_size,
-        help=f"images per shard (default: inputs/ranks, max {DEFAULT_SHARD_SIZE})")  # fmt: skip
+        help=f"images per shard (default: inputs/ranks, max {DEFAULT_SHARD_SIZE}; tar / parquet input: one file per "
+        "shard)")  # fmt: skip
     add("--num-workers", type=int, default=d.num_workers, help="DataLoader workers decoding images, per process")
     add("--split", default=None, help="dataset split (datasets input)")
     add("--dataset-config", default=None, help="dataset configuration name (Hub dataset input)")
-    add("--image-column", default=None, help="dataset image column (default: the first image column)")
+    add("--image-column", default=None, help="image column of a dataset or parquet files (default: the first one)")
+    add("--image-key", default=d.image_key,
+        help="tar input: a sample's image is its first entry among these extensions (webdataset's ';' convention)")
+    add("--lookahead", type=int, default=d.lookahead,
+        help="tar / parquet input: images read ahead and packed together (their encoded bytes are held)")
     add("--revision", default=None, help="model revision (branch, tag or commit) on the Hub")
     add("--trust-remote-code", action="store_true", help="run the code of --model's repo (default: ours)")
     add("--dist-timeout-minutes", type=float, default=d.dist_timeout_minutes,

@@ -19,6 +19,10 @@ DTYPE_CHOICES = (*sorted(DTYPES), "auto")  # auto: resolved per device at the st
 ATTN_IMPLEMENTATIONS = ("sdpa", "flash_attention_2", "eager")
 DEFAULT_SHARD_SIZE = 256
 DEFAULT_MAX_PATCHES_PER_BATCH = 16384
+DEFAULT_LOOKAHEAD = 256
+# output formats (writers.WRITERS): today's safetensors shards, parquet shards, autofaiss / clip-retrieval's npy layout
+FORMATS = ("safetensors", "parquet", "npy")
+DEFAULT_IMAGE_KEY = "jpg;jpeg;png;webp"  # webdataset's `;`-separated choices, the first present wins
 
 
 class UsageError(ToolError):
@@ -33,10 +37,14 @@ class ExtractOptions:
 
     # model folder or Hub repo id (config + weights + preprocessor_config.json)
     model: str
-    # image folder, glob, .txt / .lst list of paths, image file, `datasets` save_to_disk folder or Hub dataset id
+    # image folder, glob, .txt / .lst list of paths, image file, `datasets` save_to_disk folder or Hub dataset id;
+    # webdataset .tar shards or parquet files (one, a glob, a brace range, a list, a folder of them; fsspec URLs)
     input: str
     # output folder: manifest.json + shard files
     output: str
+    # output format: one of FORMATS (safetensors: shard-*.safetensors; parquet: shard-*.parquet; npy:
+    # embeddings/*.npy + metadata/*.parquet)
+    format: str = "safetensors"
     # token budget of one forward, in patches (must hold the largest image the processor makes)
     max_patches_per_batch: int = DEFAULT_MAX_PATCHES_PER_BATCH
     # also save each image's (h, w, C) feature map, in the model dtype
@@ -55,8 +63,13 @@ class ExtractOptions:
     split: Optional[str] = None
     # dataset configuration name (Hub dataset input)
     dataset_config: Optional[str] = None
-    # dataset image column; None: the first image column
+    # image column of a dataset or parquet files; None: the first image column
     image_column: Optional[str] = None
+    # tar input: a sample's image is its first entry among these extensions (webdataset's `;` convention)
+    image_key: str = DEFAULT_IMAGE_KEY
+    # tar / parquet input: images read ahead and packed together (first-fit decreasing); their encoded bytes are
+    # what a look-ahead holds in memory
+    lookahead: int = DEFAULT_LOOKAHEAD
     # model revision (branch, tag or commit) on the Hub
     revision: Optional[str] = None
     # run the code of `model`'s own repo (through the Auto classes) instead of this repo's
@@ -81,6 +94,21 @@ class ExtractOptions:
             raise UsageError(f"--shard-size must be a positive number of images, got {self.shard_size}")
         if self.num_workers < 0:
             raise UsageError(f"--num-workers must be 0 or more, got {self.num_workers}")
+        if self.lookahead <= 0:
+            raise UsageError(f"--lookahead must be a positive number of images, got {self.lookahead}")
+        if self.format not in FORMATS:
+            raise UsageError(f"--format must be one of {list(FORMATS)}, got {self.format!r}")
+        if self.format == "npy" and self.save_grids:
+            raise UsageError(
+                "--format npy holds the pooled vectors only (embeddings/*.npy); to keep each image's (h, w, C) map "
+                "too, use --format parquet or safetensors with --save-grids"
+            )
+        choices = self.image_key.split(";")
+        if not all(choices) or any(c != c.strip() or "/" in c for c in choices):
+            raise UsageError(
+                f"--image-key must be extensions separated by ';' (webdataset's convention, e.g. "
+                f"{DEFAULT_IMAGE_KEY!r}), got {self.image_key!r}"
+            )
         if self.dtype not in DTYPE_CHOICES:
             raise UsageError(f"--dtype must be one of {list(DTYPE_CHOICES)}, got {self.dtype!r}")
         if self.attn_implementation not in ATTN_IMPLEMENTATIONS:

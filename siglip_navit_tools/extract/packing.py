@@ -1,13 +1,18 @@
 # Copyright 2026 The siglip-navit authors. Licensed under the Apache License, Version 2.0.
 """Token-budget packing: which images share a forward.
 
-Owns the pure packer (patch counts in, index groups out), testable without a model. Must not compute patch counts
-itself (the image processor's `patch_grid` gives them) nor read images.
+Owns the pure packers (patch counts in, groups out), testable without a model: `plan_batches` over a list whose sizes
+are all known, `plan_windows` over a stream whose sizes become known only as it is read (a tar, a parquet file),
+one bounded look-ahead window at a time. Must not compute patch counts itself (the image processor's `patch_grid`
+gives them) nor read images.
 """
 
 from __future__ import annotations
 
-from typing import Sequence
+from itertools import islice
+from typing import Iterable, Iterator, Sequence, TypeVar
+
+T = TypeVar("T")
 
 
 def plan_batches(lengths: Sequence[int], budget: int) -> list[list[int]]:
@@ -33,3 +38,15 @@ def plan_batches(lengths: Sequence[int], budget: int) -> list[list[int]]:
             batches.append([i])
             room.append(budget - lengths[i])
     return batches
+
+
+def plan_windows(sized: Iterable[tuple[T, int]], budget: int, window: int) -> Iterator[list[T]]:
+    """Forwards of at most `budget` patches over a stream of (item, patch count): the stream is read `window` items
+    at a time and each window is packed first-fit decreasing (`plan_batches`), so at most `window` items are held
+    however long the stream is. Yields lists of items, each ordered largest first; every item appears exactly once."""
+    if window <= 0:
+        raise ValueError(f"window must be a positive number of items, got {window}")
+    stream = iter(sized)
+    while chunk := list(islice(stream, window)):
+        for batch in plan_batches([patches for _, patches in chunk], budget):
+            yield [chunk[i][0] for i in batch]

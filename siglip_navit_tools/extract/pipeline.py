@@ -1,10 +1,11 @@
 # Copyright 2026 The siglip-navit authors. Licensed under the Apache License, Version 2.0.
 """From image ids to features: model + processor loading, the DataLoader of packs, and the encode loop.
 
-Owns how a shard's images become forwards (sizes from headers -> `plan_batches` -> packs built by DataLoader
-workers with `processor.concatenate_packs`) and how a forward's output becomes per-image results
-(`processor.unpack`, then the mean over patches). Every image <-> pack fact comes from the image processor: this
-module must not compute grids, patch counts or boundaries itself, nor write files.
+Owns how a shard's images become forwards (sizes from headers -> `plan_windows`, one look-ahead window at a time ->
+packs built by DataLoader workers with `processor.concatenate_packs`, the budget checked again after decoding) and
+how a forward's output becomes per-image results (`processor.unpack`, then the mean over patches) handed to the
+shard's writer as each forward finishes. Every image <-> pack fact comes from the image processor: this module must
+not compute grids, patch counts or boundaries itself, nor write files (the writers do).
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from __future__ import annotations
 import logging
 import math
 from dataclasses import dataclass, field
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Iterator, Optional
 
 import torch
 
@@ -21,7 +22,7 @@ from ..compat import dtype_kwarg
 from .inputs import ImageId, Source, error_text, is_bad_image_error
 from .model_folder import check_model
 from .options import DTYPES, UsageError
-from .packing import plan_batches
+from .packing import plan_batches, plan_windows
 
 logger = logging.getLogger(__name__)
 
@@ -98,28 +99,41 @@ def load_model_and_processor(
 # Decoding + preprocessing (runs in DataLoader workers)
 # --------------------------------------------------------------------------------------------------------------
 class BatchLoader(torch.utils.data.Dataset):
-    """Item b = forward b of a shard: its images decoded and preprocessed one at a time (only the small patch
-    tensors are kept, never all full-size decodes at once), then joined into one pack. Images that cannot be used
-    are reported back as (id, error) and left out of the pack."""
+    """`loader[batch]` for one planned forward (a list of (id, payload)): its images decoded and preprocessed one at
+    a time (only the small patch tensors are kept, never all full-size decodes at once), then joined into one pack.
+    Images that cannot be used are reported back as (id, error) and left out. The budget is checked again on what
+    the processor made: an image whose file changed after its header was read and no longer fits is handed back
+    alone (`overflow`) to be planned again, never forced into the forward."""
 
-    def __init__(self, source: Source, processor: Any, batches: list[list[ImageId]]):
-        self.source, self.processor, self.batches = source, processor, batches
+    def __init__(self, source: Source, processor: Any, budget: int):
+        self.source, self.processor, self.budget = source, processor, budget
 
-    def __len__(self) -> int:
-        return len(self.batches)
-
-    def __getitem__(self, b: int) -> dict:
-        packs, ids, errors = [], [], []
-        for image_id in self.batches[b]:
+    def __getitem__(self, batch: list) -> dict:
+        packs, ids, errors, overflow = [], [], [], []
+        total = 0
+        for image_id, payload in batch:
             try:
-                packs.append(self.processor(images=self.source.load(image_id)))
-                ids.append(image_id)
+                pack = self.processor(images=self.source.load(payload))
             except Exception as exc:
                 if not is_bad_image_error(exc):
                     raise
                 errors.append((image_id, error_text(exc)))
+                continue
+            patches = int(pack["packed_pixel_values"].shape[0])
+            if total + patches <= self.budget:
+                packs.append(pack)
+                ids.append(image_id)
+                total += patches
+            elif patches <= self.budget:
+                overflow.append((image_id, dict(pack)))
+            else:
+                errors.append((image_id, _too_big(pack["image_grid_hw"][0].tolist(), patches, "after decoding")))
         pack = dict(self.processor.concatenate_packs(packs)) if packs else None
-        return {"pack": pack, "ids": ids, "errors": errors}
+        return {"pack": pack, "ids": ids, "errors": errors, "overflow": overflow}
+
+
+def _too_big(grid: Any, patches: int, when: str) -> str:
+    return f"{grid[0]}x{grid[1]} = {patches} patches {when}, more than --max-patches-per-batch"
 
 
 def _identity(item: Any) -> Any:
@@ -142,8 +156,10 @@ class RankStats:
 
 
 class ShardJob:
-    """Shard `k`, planned and started: each image's patch count read from its header (no decoding), the images
-    grouped first-fit-decreasing into forwards, and a DataLoader iterator whose workers already decode them.
+    """Shard `k`, started: its images are read from the source in input order (a streamed source's file is read as
+    it goes), each one's patch count taken from its header (no decoding), and each look-ahead window of `window`
+    images grouped first-fit decreasing into forwards; DataLoader workers decode and preprocess those forwards as
+    they are planned. `order` maps each id to its input position.
 
     Creating the next shard's job while the current shard's last forward runs (asynchronously, on a GPU) keeps
     the model fed across shard boundaries."""
@@ -158,37 +174,42 @@ class ShardJob:
         num_workers: int,
         device: torch.device,
         progress: Any,
+        window: Optional[int] = None,
     ):
         self.k, self.shard_ids, self.progress = k, shard_ids, progress
         self.skipped: list[dict] = []
-        self.batches = self._plan(source, processor, budget)
+        self.order: dict[ImageId, int] = {}
+        window = window if window is not None else max(1, len(shard_ids))  # None: the whole shard at once
         loader = torch.utils.data.DataLoader(
-            BatchLoader(source, processor, self.batches),
+            BatchLoader(source, processor, budget),
             batch_size=None,
+            sampler=plan_windows(self._sized(source, processor, budget), budget, window),  # yields each batch itself
             num_workers=num_workers,
             collate_fn=_identity,
             pin_memory=device.type == "cuda",
         )
         self.items = iter(loader)  # with workers: they start decoding now
 
-    def _plan(self, source: Source, processor: Any, budget: int) -> list[list[ImageId]]:
-        """The shard's forwards (lists of ids); images whose header cannot be read are skipped here."""
-        sized_ids, lengths = [], []
-        for image_id in self.shard_ids:
+    def _sized(self, source: Source, processor: Any, budget: int) -> Iterator[tuple[tuple[ImageId, Any], int]]:
+        """((id, payload), patch count) of the shard's usable images, in input order; the others are skipped here."""
+        for item in source.items(self.shard_ids):
+            self.order.setdefault(item.id, len(self.order))
+            self.progress.total += 1
+            if item.error is not None:
+                self.skip(item.id, item.error)
+                continue
             try:
-                grid = processor.patch_grid(*source.size(image_id))
+                grid = processor.patch_grid(*source.size(item.payload))
             except Exception as exc:
                 if not is_bad_image_error(exc):
                     raise
-                self.skip(image_id, error_text(exc))
+                self.skip(item.id, error_text(exc))
                 continue
             patches = math.prod(grid)
             if patches > budget:  # only possible with do_resize=False (the run checks the budget otherwise)
-                self.skip(image_id, f"{grid[0]}x{grid[1]} = {patches} patches, more than --max-patches-per-batch")
+                self.skip(item.id, _too_big(grid, patches, "from its header"))
                 continue
-            sized_ids.append(image_id)
-            lengths.append(patches)
-        return [[sized_ids[i] for i in batch] for batch in plan_batches(lengths, budget)]
+            yield (item.id, item.payload), patches
 
     def skip(self, image_id: ImageId, error: str) -> None:
         logger.warning("skipping image %r: %s", image_id, error)
@@ -210,16 +231,26 @@ def _forward(model: Any, processor: Any, pack: dict, device: torch.device) -> tu
     return pooled, maps
 
 
-def _shard_tensors(results: dict, ids: list[ImageId], hidden_size: int, save_grids: bool) -> dict[str, torch.Tensor]:
-    """A shard file's tensors, in `ids` order."""
-    tensors = {
-        "pooled": torch.stack([results[i][0] for i in ids]) if ids else torch.zeros(0, hidden_size),
-        "grid_hw": torch.tensor([results[i][1] for i in ids], dtype=torch.int64).reshape(-1, 2),
-    }
-    if save_grids:
-        for j, image_id in enumerate(ids):
-            tensors[f"features.{j}"] = results[image_id][2].contiguous()
-    return tensors
+def _write_results(
+    writer: Any, pack: dict, ids: list, result: tuple[torch.Tensor, list], stats: RankStats, save_grids: bool
+) -> None:
+    """A finished forward's images to the shard's writer (a grid goes to disk now, not at the end of the shard)."""
+    pooled, maps = result
+    pooled = pooled.cpu()
+    for j, image_id in enumerate(ids):
+        writer.add(image_id, pooled[j], tuple(maps[j].shape[:2]), maps[j].cpu() if save_grids else None)
+    patches = int(pack["packed_pixel_values"].shape[0])
+    stats.forwards += 1
+    stats.patches += patches
+    stats.largest_forward = max(stats.largest_forward, patches)
+    stats.images += len(ids)
+
+
+def _replanned(overflow: list[tuple[ImageId, dict]], processor: Any, budget: int) -> Iterator[tuple[dict, list]]:
+    """The images handed back by the workers (grown since their header was read), packed again under the budget."""
+    lengths = [int(pack["packed_pixel_values"].shape[0]) for _, pack in overflow]
+    for batch in plan_batches(lengths, budget):
+        yield dict(processor.concatenate_packs([overflow[i][1] for i in batch])), [overflow[i][0] for i in batch]
 
 
 def encode_shard(
@@ -228,38 +259,33 @@ def encode_shard(
     processor: Any,
     device: torch.device,
     stats: RankStats,
+    writer: Any,
     *,
+    budget: int,
     save_grids: bool = False,
     on_last_forward: Callable[[], None] = lambda: None,
-) -> tuple[dict[str, torch.Tensor], list, list]:
-    """Encode one shard's forwards; call `on_last_forward` once the last forward is queued (before waiting for
-    it). Returns (tensors, ids, skipped), in the shard's input order."""
-    results: dict[ImageId, tuple[torch.Tensor, tuple[int, int], Optional[torch.Tensor]]] = {}
-    if not job.batches:
-        on_last_forward()
+) -> list:
+    """Encode one shard's forwards into `writer` (each image added as its forward finishes); call `on_last_forward`
+    once the last planned forward is queued (before waiting for it). Returns the skipped images, in input order."""
+    overflow: list[tuple[ImageId, dict]] = []
     with torch.inference_mode():
-        for index, item in enumerate(job.items):
+        item = next(job.items, None)
+        if item is None:
+            on_last_forward()
+        while item is not None:
             for image_id, error in item["errors"]:
                 job.skip(image_id, error)
-            pack = item["pack"]
-            if pack is not None:
-                pooled, maps = _forward(model, processor, pack, device)
-            if index == len(job.batches) - 1:
+            overflow.extend(item["overflow"])
+            pack, ids = item["pack"], item["ids"]
+            result = _forward(model, processor, pack, device) if pack is not None else None
+            item = next(job.items, None)  # the next forward's images (decoded by workers) while this one runs
+            if item is None:
                 on_last_forward()  # on a GPU the forward is still running: plan and start the next shard meanwhile
-            if pack is None:
-                continue
-            pooled = pooled.cpu()
-            for j, image_id in enumerate(item["ids"]):
-                results[image_id] = (pooled[j], tuple(maps[j].shape[:2]), maps[j].cpu() if save_grids else None)
-            patches = pack["packed_pixel_values"].shape[0]
-            stats.forwards += 1
-            stats.patches += patches
-            stats.largest_forward = max(stats.largest_forward, patches)
-            job.progress.update(len(item["ids"]))
-
-    ids = [image_id for image_id in job.shard_ids if image_id in results]  # back to input order
-    stats.images += len(ids)
+            if result is not None:
+                _write_results(writer, pack, ids, result, stats, save_grids)
+                job.progress.update(len(ids))
+        for pack, ids in _replanned(overflow, processor, budget):
+            _write_results(writer, pack, ids, _forward(model, processor, pack, device), stats, save_grids)
+            job.progress.update(len(ids))
     stats.skipped += len(job.skipped)
-    order = {image_id: n for n, image_id in enumerate(job.shard_ids)}
-    skipped = sorted(job.skipped, key=lambda entry: order[entry["id"]])
-    return _shard_tensors(results, ids, model.config.hidden_size, save_grids), ids, skipped
+    return sorted(job.skipped, key=lambda entry: job.order[entry["id"]])

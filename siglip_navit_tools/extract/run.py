@@ -28,7 +28,7 @@ from typing import Any, Optional
 
 import torch
 
-from . import distributed
+from . import distributed, writers
 from .inputs import Source, resolve_input
 from .options import ExtractOptions, UsageError
 from .pipeline import RankStats, ShardJob, encode_shard, load_model_and_processor, resolve_dtype
@@ -42,8 +42,6 @@ from .shards import (
     remove_stale_temporaries,
     run_settings,
     shard_metadata,
-    shard_name,
-    write_shard,
 )
 
 TEST_DELAY_ENV = "SIGLIP_NAVIT_EXTRACT_TEST_SHARD_DELAY"
@@ -66,10 +64,10 @@ def extract(options: ExtractOptions) -> dict:
     _check_same_inputs(source, options.input, size)
     options, dtype_choice = _resolve_dtype(options, world)
     model, processor = distributed.rank0_first(lambda: _load(options, world.device), rank, size)
-    settings = run_settings(source.identity, model, processor, options.dtype, options.save_grids)
+    settings = run_settings(source.identity, model, processor, options.dtype, options.save_grids, options.format)
 
     taken = distributed.rank0_first(
-        lambda: _take_output(output, source.ids, settings, options, size) if rank == 0 else None, rank, size
+        lambda: _take_output(output, source, settings, options, size) if rank == 0 else None, rank, size
     )
     plan, todo, run_id = distributed.broadcast(taken[:3] if taken else None, size)
     lock = taken[3] if taken else None
@@ -101,7 +99,12 @@ def extract(options: ExtractOptions) -> dict:
 # Steps
 # --------------------------------------------------------------------------------------------------------------
 def _list_inputs(options: ExtractOptions) -> Source:
-    return resolve_input(options.input, options.split, options.image_column, options.dataset_config)
+    source = resolve_input(options.input, options.split, options.image_column, options.dataset_config,
+                           options.image_key, exclude=options.output)  # fmt: skip
+    if source.streaming and options.shard_size is not None:
+        raise UsageError(f"--shard-size does not apply to --input {options.input!r}: each {source.kind} file is one "
+                         "shard (one input file -> one output shard)")  # fmt: skip
+    return source
 
 
 def _check_same_inputs(source: Source, spec: str, world_size: int) -> None:
@@ -156,6 +159,23 @@ def _header(options: ExtractOptions, source: Source, model: Any, dtype_choice: s
         "duplicates": source.duplicates,
         "save_grids": options.save_grids,
         "hidden_size": model.config.hidden_size,
+        **_layout(options),
+    }
+
+
+def _layout(options: ExtractOptions) -> dict:
+    """The manifest's one-line description of what each shard file holds, per --format."""
+    if options.format == "parquet":
+        return {"columns": {
+            "id": "string", "pooled": "fixed-size list<float32>[C], mean over patches", "grid_h": "int32",
+            "grid_w": "int32",
+            **({"features": f"binary: the (grid_h, grid_w, C) map, row-major, {options.dtype} little-endian"}
+               if options.save_grids else {}),
+        }}  # fmt: skip
+    if options.format == "npy":
+        return {"files": {"embeddings/XXXXX.npy": "(n, C) float32 mean over patches",
+                          "metadata/XXXXX.parquet": "id (string), grid_h, grid_w (int32), same row order"}}  # fmt: skip
+    return {
         "tensors": {
             "pooled": "(n, C) float32 mean over patches",
             "grid_hw": "(n, 2) int64 (h, w) patch grid",
@@ -164,14 +184,15 @@ def _header(options: ExtractOptions, source: Source, model: Any, dtype_choice: s
     }
 
 
-def _take_output(output: Path, ids: list, settings: dict, options: ExtractOptions, world_size: int) -> tuple:
-    """Rank 0: create and lock the output folder, remove killed runs' temporaries, read (resume) or make the plan,
-    list the unfinished shards (the order every rank claims them in) and name the run (its claim counter's
-    namespace). Returns (plan, unfinished shards, run id, lock)."""
+def _take_output(output: Path, source: Source, settings: dict, options: ExtractOptions, world_size: int) -> tuple:
+    """Rank 0: create and lock the output folder, remove killed runs' temporaries, read (resume) or make the plan
+    (a streamed source: one file per shard), list the unfinished shards (the order every rank claims them in) and
+    name the run (its claim counter's namespace). Returns (plan, unfinished shards, run id, lock)."""
     lock = lock_output(output)  # creates the folder; a read-only or busy --output is one line (UsageError)
     try:
         remove_stale_temporaries(output)
-        plan = make_plan(output, ids, settings, options.shard_size, world_size, options.overwrite)
+        shard_size = 1 if source.streaming else options.shard_size
+        plan = make_plan(output, source.ids, settings, shard_size, world_size, options.overwrite, options.format)
         todo = [k for k in range(plan.num_shards) if finished_shard(output, plan, k) is None]
         return plan, todo, uuid.uuid4().hex, lock
     except BaseException:
@@ -221,12 +242,9 @@ def _encode_shards(
         position = claims.claim()
         if position is not None:
             k = todo[position]
-            shard_ids = plan.shard_ids(source.ids, k)
-            progress.total += len(shard_ids)
-            progress.refresh()
             pending.append(ShardJob(
-                k, shard_ids, source, processor, options.max_patches_per_batch, options.num_workers, world.device,
-                progress,
+                k, plan.shard_ids(source.ids, k), source, processor, options.max_patches_per_batch,
+                options.num_workers, world.device, progress, options.lookahead if source.streaming else None,
             ))  # fmt: skip
 
     start = time.perf_counter()
@@ -237,12 +255,7 @@ def _encode_shards(
                 job = pending.pop()
                 if delay:
                     time.sleep(delay)
-                tensors, ids, skipped = encode_shard(
-                    job, model, processor, world.device, stats, save_grids=options.save_grids,
-                    on_last_forward=claim_and_start,
-                )  # fmt: skip
-                write_shard(Path(options.output) / shard_name(job.k, plan.num_shards), tensors,
-                            shard_metadata(plan, ids, skipped))  # fmt: skip
+                skipped = _encode_one_shard(options, world, source, model, processor, plan, job, stats, claim_and_start)
                 stats.shards_written += 1
                 stats.skipped_ids.extend(entry["id"] for entry in skipped)
                 if manifest is not None:  # keep the manifest current (it lists every shard on disk, other ranks' too)
@@ -255,6 +268,31 @@ def _encode_shards(
     stats.seconds = time.perf_counter() - start
     progress.close()
     return stats
+
+
+def _encode_one_shard(
+    options: ExtractOptions,
+    world: distributed.World,
+    source: Source,
+    model: Any,
+    processor: Any,
+    plan: Plan,
+    job: ShardJob,
+    stats: RankStats,
+    on_last_forward: Any,
+) -> list:
+    """Encode `job` into its shard's files (--format's writer: written as the forwards finish, committed atomically
+    at the end, its temporaries removed on any failure). Returns the shard's skipped images."""
+    expected = writers.STREAMED_EXPECTED_IMAGES if source.streaming else len(job.shard_ids)
+    with writers.open_shard(options.format, Path(options.output), job.k, plan.num_shards, model.config.hidden_size,
+                            options.save_grids, expected) as writer:  # fmt: skip
+        skipped = encode_shard(
+            job, model, processor, world.device, stats, writer, budget=options.max_patches_per_batch,
+            save_grids=options.save_grids, on_last_forward=on_last_forward,
+        )  # fmt: skip
+        units = job.shard_ids if source.streaming else None
+        writer.commit(shard_metadata(plan, skipped, units), job.order)
+    return skipped
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -275,7 +313,7 @@ def summarize(all_stats: list[dict], budget: int, world_size: int) -> dict:
         "patches": patches,
         "max_patches_per_batch": budget,
         "largest_forward": max(s["largest_forward"] for s in all_stats),
-        "packing_efficiency": patches / (forwards * budget) if forwards else None,
+        "packing_efficiency": patches / (forwards * budget) if forwards else None,  # <= 1: no forward exceeds it
         "shards_written": sum(s["shards_written"] for s in all_stats),
         "shards_resumed": sum(s["shards_resumed"] for s in all_stats),
         "shards_per_rank": [s["shards_written"] for s in all_stats],

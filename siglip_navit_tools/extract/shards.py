@@ -1,12 +1,14 @@
 # Copyright 2026 The siglip-navit authors. Licensed under the Apache License, Version 2.0.
-"""The output folder: shard files, manifest.json, the run's plan and fingerprint (the lock is in `lock`).
+"""The output folder: manifest.json, the run's plan and fingerprint, resuming (the lock is in `lock`, the shard
+files' formats in `writers`).
 
-Owns the on-disk format (`FORMAT`; shard names, their metadata, the manifest's keys), what makes two runs "the same
-run" (the fingerprint: ids, input identity, weights checksum, config, processor settings, resolved dtype,
---save-grids), and resuming (a shard file exists only once complete: `finished_shard`). The shard files are the ground
-truth: each carries the fingerprint, its ids and the plan, so a missing, empty or corrupt manifest is rebuilt from them
-(`make_plan`), and temporaries of killed runs are removed while the lock is held. Files are replaced with the tools'
-ONE atomic scheme (`siglip_navit_tools.io.atomic`). Must not load models, read images or talk to other ranks.
+Owns the manifest's keys, what makes two runs "the same run" (the fingerprint: ids, input identity, weights
+checksum, config, processor settings, resolved dtype, --save-grids, and --format when it is not safetensors), one
+format per folder (another --format into it is refused unless --overwrite), and resuming (a shard's files exist only
+once complete: `finished_shard`). The shard files are the ground truth: each carries the fingerprint, its ids and the
+plan, so a missing, empty or corrupt manifest is rebuilt from them (`make_plan`), and temporaries of killed runs are
+removed while the lock is held. Files are replaced with the tools' ONE atomic scheme (`siglip_navit_tools.io.atomic`).
+Must not load models, read images or talk to other ranks.
 """
 
 from __future__ import annotations
@@ -16,8 +18,6 @@ import hashlib
 import json
 import logging
 import math
-import os
-import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,20 +28,16 @@ import torch
 from ..cli import ToolError
 from ..io import atomic
 from ..io.files import NotARegularFile, is_regular_file, read_regular_bytes
+from . import writers
 from .lock import LOCK, OutputLock, lock_output  # noqa: F401 - the lock is part of the folder's format
 from .options import DEFAULT_SHARD_SIZE, UsageError
+from .writers import FORMAT, output_errors, shard_name, write_shard  # noqa: F401 - the default format's names, used by callers
 
 logger = logging.getLogger(__name__)
 
-FORMAT = "siglip-navit-features/1"
 MANIFEST = "manifest.json"
 SHARD_GLOB = "shard-*-of-*.safetensors"
-_SHARD_NAME = re.compile(r"shard-(\d+)-of-(\d+)\.safetensors")
 _VOLATILE_KEYS = ("transformers_version", "torch_dtype", "dtype", "architectures", "auto_map")
-
-
-def shard_name(k: int, num_shards: int) -> str:
-    return f"shard-{k:05d}-of-{num_shards:05d}.safetensors"
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -55,6 +51,7 @@ class Plan:
     num_inputs: int
     shard_size: int
     num_shards: int
+    output_format: str = "safetensors"  # --format: a key of writers.WRITERS
 
     def shard_ids(self, ids: list, k: int) -> list:
         """The inputs of shard k."""
@@ -79,8 +76,11 @@ def weights_checksum(model: torch.nn.Module) -> str:
     return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:32]
 
 
-def run_settings(input_identity: dict, model: Any, processor: Any, dtype: str, save_grids: bool) -> dict:
-    """What the saved numbers depend on: a rerun into the same folder must match it (with the ids, the fingerprint)."""
+def run_settings(
+    input_identity: dict, model: Any, processor: Any, dtype: str, save_grids: bool, output_format: str = "safetensors"
+) -> dict:
+    """What the saved numbers depend on: a rerun into the same folder must match it (with the ids, the fingerprint).
+    The format is added only when it is not safetensors, so runs made before --format existed still resume."""
     return {
         "inputs": input_identity,
         "weights": weights_checksum(model),
@@ -88,6 +88,7 @@ def run_settings(input_identity: dict, model: Any, processor: Any, dtype: str, s
         "processor": _settings_dict(processor.to_dict()),
         "dtype": dtype,
         "save_grids": save_grids,
+        **({"format": output_format} if output_format != "safetensors" else {}),
     }
 
 
@@ -137,36 +138,46 @@ def _not_ours(output: Path, name: str, kind: str) -> UsageError:
 
 
 def _clear_output(output: Path) -> None:
-    """--overwrite: every shard file and the manifest go (whatever run they belong to); a directory at such a name
-    is not ours to delete."""
-    for path in output.glob(SHARD_GLOB):
+    """--overwrite: every shard file of every format and the manifest go (whatever run they belong to); a directory
+    at such a name is not ours to delete."""
+    for path in writers.finished_files(output):
         if path.is_dir() and not path.is_symlink():
             raise _not_ours(output, path.name, "a directory")
         path.unlink(missing_ok=True)
     (output / MANIFEST).unlink(missing_ok=True)
 
 
-def _shard_metadata_on_disk(path: Path) -> Optional[dict]:
-    """A shard file's safetensors metadata, or None when the file cannot be read (damaged: it is encoded again)."""
-    from safetensors import safe_open
+def _check_one_format(output: Path, manifest: "_Manifest", output_format: str) -> None:
+    """Refuse another format's results in `output` (one folder, one format): from the manifest, or when it is lost,
+    from the shard files on disk."""
+    held = manifest.data.get("output_format", "safetensors") if manifest.data is not None else None
+    if held is None:
+        held = next((fmt for fmt in writers.WRITERS if fmt != output_format and writers.shard_files(output, fmt)), None)
+    if held is not None and held != output_format:
+        raise UsageError(
+            f"--output {str(output)!r} holds {held} features; this run writes --format {output_format}, and one folder "
+            "holds one format: use a new --output folder, or --overwrite to replace them"
+        )
 
-    if not is_regular_file(path):  # a FIFO would block safe_open
-        return None
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            return f.metadata() or {}
-    except Exception:
-        return None
+
+def _held_inputs(meta: dict) -> list:
+    """The plan's inputs a shard file covers: its `units` (the tar / parquet file of a streamed source), else its
+    encoded and skipped images."""
+    if "units" in meta:
+        return json.loads(meta["units"])
+    return json.loads(meta["ids"]) + [entry["id"] for entry in json.loads(meta["skipped"])]
 
 
-def _plan_of_shards(found: dict[int, dict], num_shards: int, ids: list, fingerprint: str) -> Optional[Plan]:
+def _plan_of_shards(
+    found: dict[int, dict], num_shards: int, ids: list, fingerprint: str, output_format: str
+) -> Optional[Plan]:
     """The plan that the shard files `found` ({k: metadata}, all of this run) were written under, or None when they
     fit no plan. Shards written since the `plan` metadata key exist say it; older ones are measured: a shard other
     than the last holds exactly `shard_size` inputs (encoded + skipped)."""
     n = len(ids)
     sizes = set()
     for k, meta in found.items():
-        count = len(json.loads(meta["ids"])) + len(json.loads(meta["skipped"]))
+        count = len(_held_inputs(meta))
         if "plan" in meta:
             sizes.add(json.loads(meta["plan"])["shard_size"])
         elif k < num_shards - 1:
@@ -180,32 +191,30 @@ def _plan_of_shards(found: dict[int, dict], num_shards: int, ids: list, fingerpr
     size = sizes.pop()
     if size <= 0:
         return None
-    plan = Plan(fingerprint, n, size, math.ceil(n / size) if n else 0)
+    plan = Plan(fingerprint, n, size, math.ceil(n / size) if n else 0, output_format)
     for k, meta in found.items():
-        held = json.loads(meta["ids"]) + [entry["id"] for entry in json.loads(meta["skipped"])]
+        held = _held_inputs(meta)
         if plan.num_shards != num_shards or sorted(map(str, held)) != sorted(map(str, plan.shard_ids(ids, k))):
             return None
     return plan
 
 
-def _recover_plan(output: Path, ids: list, fingerprint: str, problem: str) -> Optional[Plan]:
+def _recover_plan(output: Path, ids: list, fingerprint: str, problem: str, output_format: str) -> Optional[Plan]:
     """No usable manifest: the shard files are the ground truth. Their plan when they are this run's (resume);
     None when there are none (a fresh start); UsageError when they are another run's (or fit no plan)."""
     found: dict[int, dict] = {}
     names: dict[int, set] = {}
     others = []
-    for path in sorted(output.glob(SHARD_GLOB)):
-        name = _SHARD_NAME.fullmatch(path.name)
-        if name is None:
-            continue
-        meta = _shard_metadata_on_disk(path)
+    for k, num_shards, path in writers.shard_files(output, output_format):
+        meta = writers.read_shard(path, output_format)
         if meta is None:
             logger.warning("%s is unreadable (damaged?): it is not a finished shard", path)
             continue
-        k, num_shards = int(name[1]), int(name[2])
         if meta.get("fingerprint") != fingerprint or "ids" not in meta or "skipped" not in meta:
             others.append(path.name)
             continue
+        if num_shards is None:  # npy names say only k: the plan stored in the file says how many
+            num_shards = json.loads(meta.get("plan", "{}")).get("num_shards", -1)
         found[k] = meta
         names.setdefault(num_shards, set()).add(k)
     where = f"--output {str(output)!r}"
@@ -220,7 +229,7 @@ def _recover_plan(output: Path, ids: list, fingerprint: str, problem: str) -> Op
             logger.warning("%s: manifest.json %s and no shard file of this run is there: starting afresh", where,
                            problem)  # fmt: skip
         return None
-    plan = _plan_of_shards(found, next(iter(names)), ids, fingerprint) if len(names) == 1 else None
+    plan = _plan_of_shards(found, next(iter(names)), ids, fingerprint, output_format) if len(names) == 1 else None
     if plan is None:
         raise UsageError(
             f"{where}: manifest.json {problem} and the shard files fit no plan of this run; use --overwrite"
@@ -233,15 +242,23 @@ def _recover_plan(output: Path, ids: list, fingerprint: str, problem: str) -> Op
 
 
 def make_plan(
-    output: Path, ids: list, settings: dict, shard_size: Optional[int], world_size: int, overwrite: bool
+    output: Path,
+    ids: list,
+    settings: dict,
+    shard_size: Optional[int],
+    world_size: int,
+    overwrite: bool,
+    output_format: str = "safetensors",
 ) -> Plan:
     """Rank 0 (holding the lock): the run's plan -- read from the manifest or, when that is missing or corrupt, from
-    the shard files (resume), or made new. Raises UsageError when the folder holds a different run's results (unless
-    `overwrite`, which clears them)."""
+    the shard files (resume), or made new. Raises UsageError when the folder holds a different run's results or
+    another format's (unless `overwrite`, which clears them)."""
     fingerprint = _fingerprint(ids, settings)
     manifest = _Manifest(output)
     where = f"--output {str(output)!r}"
     plan = None
+    if not overwrite:
+        _check_one_format(output, manifest, output_format)
     if overwrite:
         _clear_output(output)
     elif manifest.data is not None:
@@ -251,25 +268,25 @@ def make_plan(
                 f"{where} holds features of a different run (other inputs, model or settings); "
                 "use a new --output folder, or --overwrite to replace them"
             )
-        plan = Plan(fingerprint, old["num_inputs"], old["shard_size"], old["num_shards"])
+        plan = Plan(fingerprint, old["num_inputs"], old["shard_size"], old["num_shards"], output_format)
     elif manifest.foreign:
         raise UsageError(f"{where} holds a manifest.json this script did not write ({manifest.problem}); use a new "
                          "--output folder, or --overwrite to replace it")  # fmt: skip
     else:
-        plan = _recover_plan(output, ids, fingerprint, manifest.problem)
+        plan = _recover_plan(output, ids, fingerprint, manifest.problem, output_format)
     if plan is not None:
         if shard_size is not None and shard_size != plan.shard_size:
             logger.warning("resuming with the first run's --shard-size %d (not %d)", plan.shard_size, shard_size)
         return plan
     if shard_size is None:  # balanced over the ranks, at most DEFAULT_SHARD_SIZE images per shard
         shard_size = max(1, min(DEFAULT_SHARD_SIZE, math.ceil(len(ids) / world_size)))
-    return Plan(fingerprint, len(ids), shard_size, math.ceil(len(ids) / shard_size))
+    return Plan(fingerprint, len(ids), shard_size, math.ceil(len(ids) / shard_size), output_format)
 
 
 def remove_stale_temporaries(output: Path) -> list[str]:
     """Remove the temporaries (`.shard-*.tmp-*`, `.manifest.json.tmp-*`) that killed runs (SIGKILL, power loss) left
     in `output`. Only while holding the output's lock: then no live run is writing them. Returns their names."""
-    stale = [*output.glob(f".shard-*.safetensors{atomic.TMP_MARK}*"), *output.glob(f".{MANIFEST}{atomic.TMP_MARK}*")]
+    stale = [*writers.temporaries(output), *output.glob(f".{MANIFEST}{atomic.TMP_MARK}*")]
     for path in stale:
         path.unlink(missing_ok=True)
     if stale:
@@ -281,65 +298,34 @@ def remove_stale_temporaries(output: Path) -> list[str]:
 # Shard files
 # --------------------------------------------------------------------------------------------------------------
 def finished_shard(output: Path, plan: Plan, k: int) -> Optional[dict]:
-    """Shard k's manifest entry if its file is on disk, readable and of this run (fingerprint); else None."""
-    from safetensors import safe_open
-
-    path = output / shard_name(k, plan.num_shards)
+    """Shard k's manifest entry if its files are on disk, readable and of this run (fingerprint); else None."""
+    path = writers.shard_path(output, plan.output_format, k, plan.num_shards)
     if not is_regular_file(path):
         if path.is_dir() and not path.is_symlink():  # the shard could never be written over it
             raise _not_ours(output, path.name, "a directory")
         return None
+    metadata = writers.read_shard(path, plan.output_format)
     try:
-        with safe_open(str(path), framework="pt") as f:
-            metadata = f.metadata() or {}
-        if metadata.get("fingerprint") != plan.fingerprint:
+        if metadata is None or metadata.get("fingerprint") != plan.fingerprint:
             return None
-        return {"file": path.name, "ids": json.loads(metadata["ids"]), "skipped": json.loads(metadata["skipped"])}
+        entry = writers.shard_entry(path, plan.output_format, output)
+        if "units" in metadata:
+            entry["input"] = ", ".join(json.loads(metadata["units"]))
+        return {**entry, "ids": json.loads(metadata["ids"]), "skipped": json.loads(metadata["skipped"])}
     except Exception:  # a damaged file (e.g. after a power loss) is not finished: the shard is encoded again
         return None
 
 
-def shard_metadata(plan: Plan, ids: list, skipped: list) -> dict[str, str]:
-    """A shard file's safetensors metadata (what `finished_shard` reads back): with the plan, a shard file alone says
-    which run and which slice of the inputs it holds, so a lost manifest is rebuilt from the shards."""
+def shard_metadata(plan: Plan, skipped: list, units: Optional[list] = None) -> dict[str, str]:
+    """A shard's stored metadata, but its ids (the writer adds them in its row order): with the plan, a shard file
+    alone says which run and which slice of the inputs it holds (`units`: the tar / parquet file of a streamed
+    source), so a lost manifest is rebuilt from the shards."""
     layout = {"num_inputs": plan.num_inputs, "shard_size": plan.shard_size, "num_shards": plan.num_shards}
-    return {"format": FORMAT, "fingerprint": plan.fingerprint, "ids": json.dumps(ids), "skipped": json.dumps(skipped),
-            "plan": json.dumps(layout)}  # fmt: skip
-
-
-class OutputWriteError(ToolError):
-    """Writing into --output failed in the operating system (disk full, quota, read-only, no permission)."""
-
-
-@contextlib.contextmanager
-def output_errors(path: Path) -> Iterator[None]:
-    """An operating-system failure of writing `path` in --output as one paragraph saying what it means for the run
-    (exit status 1). safetensors' writer reports an OS error only in its message ("... (os error 28)")."""
-    try:
-        yield
-    except Exception as exc:  # noqa: BLE001 - only OS errors are turned into the paragraph; the rest is re-raised
-        found = re.search(r"\(os error (\d+)\)", str(exc)) if not isinstance(exc, OSError) else None
-        if not isinstance(exc, OSError) and found is None:
-            raise
-        os_error = exc if isinstance(exc, OSError) else OSError(int(found[1]), os.strerror(int(found[1])))
-        raise OutputWriteError(
-            f"{atomic.TargetWriteError(path, os_error)}; the finished shards are kept and nothing half-written is "
-            "left. Fix that (free some space, or choose a writable --output) and rerun the same command to resume."
-        ) from None
-
-
-def write_shard(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
-    """Write a shard atomically: a temporary file in the same folder, synced, renamed over the final name once
-    complete. An interrupted write (Ctrl-C, a crash) leaves no file under the final name and removes its temporary."""
-    from safetensors.torch import save_file
-
-    tmp = atomic.temporary_sibling(path)
-    try:
-        with output_errors(path):
-            save_file(tensors, str(tmp), metadata=metadata)
-            atomic.replace_file(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    metadata = {"format": FORMAT, "fingerprint": plan.fingerprint, "skipped": json.dumps(skipped),
+                "plan": json.dumps(layout)}  # fmt: skip
+    if units is not None:
+        metadata["units"] = json.dumps(units)
+    return metadata
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -368,6 +354,7 @@ class ManifestWriter:
         skipped = [entry for shard in shards for entry in shard["skipped"]]
         manifest = {
             "format": FORMAT,
+            "output_format": self.plan.output_format,
             "complete": complete and len(shards) == self.plan.num_shards,
             **self.header,
             "fingerprint": self.plan.fingerprint,

@@ -76,6 +76,7 @@ def test_readme_python_blocks_run(tmp_path):
     (tmp_path / "runner.py").write_text(RUNNER)
     env = dict(
         os.environ, HF_HUB_OFFLINE="1", HF_MODULES_CACHE=str(tmp_path / "modules"), RANK="0", LOCAL_RANK="0",
+        HF_DATASETS_CACHE=str(tmp_path / "datasets-cache"),
         WORLD_SIZE="1", LOCAL_WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()),
     )  # fmt: skip
     result = subprocess.run(

@@ -17,6 +17,7 @@ from safetensors.torch import load_file, save_file
 from siglip_navit_tools import repo_code
 from siglip_navit_tools.extract import inputs as extract_inputs
 from siglip_navit_tools.extract import run as extract_run
+from siglip_navit_tools.extract import writers as extract_writers
 from siglip_navit_tools.extract.packing import plan_batches
 
 ROOT = repo_code.REPO_ROOT
@@ -386,16 +387,16 @@ def test_repo_code_and_trust_remote_code_give_the_same_features(model_dir, image
 def test_torchrun_resumes_a_single_process_run(model_dir, image_dir, tmp_path, monkeypatch):
     """The plan is fixed by the first run, whatever the number of processes of the next one."""
     out = tmp_path / "feats"
-    real_write = extract_run.write_shard
+    real_write = extract_writers.ShardWriter.commit  # every format's writer commits a shard through it
     written = []
 
-    def write_two_then_interrupt(path, tensors, metadata):
+    def write_two_then_interrupt(self, metadata, order):
         if len(written) == 2:
             raise KeyboardInterrupt
-        written.append(path.name)
-        real_write(path, tensors, metadata)
+        written.append(self.k)
+        return real_write(self, metadata, order)
 
-    monkeypatch.setattr(extract_run, "write_shard", write_two_then_interrupt)
+    monkeypatch.setattr(extract_writers.ShardWriter, "commit", write_two_then_interrupt)
     assert extract(model_dir, image_dir, out, "--shard-size", 3) == 130
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nnodes", "1", "--nproc-per-node", "2",
            str(ROOT / "extract_features.py"), "--model", str(model_dir), "--input", str(image_dir), "--output", str(out),
@@ -414,19 +415,19 @@ def test_next_shard_is_planned_and_started_during_the_last_forward_of_the_curren
     """Shard k+1's header pass and DataLoader start while shard k's last forward runs (asynchronously on a GPU),
     i.e. before shard k is written: the model is not left idle at shard boundaries."""
     events = []
-    real_job, real_write = extract_run.ShardJob, extract_run.write_shard
+    real_job, real_write = extract_run.ShardJob, extract_writers.ShardWriter.commit
 
     class RecordingJob(real_job):
         def __init__(self, k, *args, **kwargs):
             events.append(("start", k))
             super().__init__(k, *args, **kwargs)
 
-    def recording_write(path, tensors, metadata):
-        events.append(("write", int(path.name.split("-")[1])))
-        real_write(path, tensors, metadata)
+    def recording_write(self, metadata, order):
+        events.append(("write", self.k))
+        return real_write(self, metadata, order)
 
     monkeypatch.setattr(extract_run, "ShardJob", RecordingJob)
-    monkeypatch.setattr(extract_run, "write_shard", recording_write)
+    monkeypatch.setattr(extract_writers.ShardWriter, "commit", recording_write)
     assert extract(model_dir, image_dir, tmp_path / "feats", "--shard-size", 5, "--num-workers", 1) == 0
     assert events == [("start", 0), ("start", 1), ("write", 0), ("start", 2), ("write", 1), ("write", 2)]
     _, found = read_outputs(tmp_path / "feats")

@@ -1,0 +1,121 @@
+"""Helpers of the corpora tests (webdataset tars, parquet in; safetensors, parquet, npy out): a tiny model folder,
+encoded test images, tars written with `tarfile`, the one-forward-per-image reference, and each format read back
+through its own consumer."""
+
+import io
+import json
+import os
+import sys
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from siglip_navit_tools import repo_code
+from siglip_navit_tools.extract import cli as extract_cli
+from siglip_navit_tools.testing import build_hub_dir, make_model, tiny_config
+
+# tiny model on a 16x16 position table (patch 4, 64 px); the processor resizes every image to <= 64 px
+PROCESSOR = {
+    "auto_map": {"AutoImageProcessor": "image_processing_siglip_navit.SiglipNaViTImageProcessor"},
+    "max_image_size": 64, "min_image_size": 16, "image_stride": 4, "patch_size": 4,
+    "max_num_patches_per_side": 16, "max_pixels": 64 * 64, "img_num": 1, "position_id_mode": "extrapolate",
+    "bagel_interleaved_resize": False, "do_resize": True,
+}  # fmt: skip
+ROOT = repo_code.REPO_ROOT
+
+
+def tiny_model_dir(parent: Path, processor: dict = PROCESSOR) -> Path:
+    config = tiny_config(image_size=64, rope=True)
+    target = build_hub_dir(parent, config, make_model(config))
+    (target / "preprocessor_config.json").write_text(json.dumps(processor, indent=2))
+    return target
+
+
+def image_bytes(width: int, height: int, seed: int, fmt: str = "PNG") -> bytes:
+    rng = np.random.default_rng(seed)
+    image = Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8))
+    buffer = io.BytesIO()
+    image.save(buffer, fmt)
+    return buffer.getvalue()
+
+
+def write_tar(path: Path, members: list[tuple[str, bytes]]) -> Path:
+    """A tar with these (name, bytes) members, in this order (what webdataset's writers make)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tarfile.open(path, "w") as tar:
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    return path
+
+
+def member_offset(path: Path, name: str) -> int:
+    """Where member `name`'s data starts in the tar."""
+    with tarfile.open(path) as tar:
+        return tar.getmember(name).offset_data
+
+
+def extract(model_dir, input_spec, output, *extra) -> int:
+    argv = ["--model", str(model_dir), "--input", str(input_spec), "--output", str(output), "--num-workers", "0",
+            "--no-progress", *map(str, extra)]  # fmt: skip
+    return extract_cli.main(argv)
+
+
+def script_env(**extra) -> dict:
+    return dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.environ.get("PYTHONPATH", ""), **extra)
+
+
+def torchrun(model_dir, input_spec, output, *extra) -> list[str]:
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nnodes", "1", "--nproc-per-node", "2",
+            str(ROOT / "extract_features.py"), "--model", str(model_dir), "--input", str(input_spec),
+            "--output", str(output), "--num-workers", "0", "--device", "cpu", "--no-progress", *map(str, extra)]  # fmt: skip
+
+
+def reference(model_dir, images: dict) -> dict:
+    """{id: (pooled, (h, w), map)} from one plain forward per image (no packing, no extractor)."""
+    from transformers import AutoImageProcessor, AutoModel
+
+    model = AutoModel.from_pretrained(model_dir, trust_remote_code=True).eval()
+    processor = AutoImageProcessor.from_pretrained(model_dir, trust_remote_code=True)
+    out = {}
+    with torch.no_grad():
+        for image_id, image in images.items():
+            inputs = processor(images=image)
+            hidden = model(**inputs).last_hidden_state
+            h, w = inputs["image_grid_hw"][0].tolist()
+            out[image_id] = (hidden.mean(0), (h, w), hidden.reshape(h, w, -1))
+    return out
+
+
+def decoded(data: bytes) -> Image.Image:
+    image = Image.open(io.BytesIO(data))
+    image.load()
+    return image
+
+
+def read_safetensors(output: Path) -> tuple[dict, dict]:
+    """(manifest, {id: (pooled, (h, w), features or None)}) over every shard, checking each id once."""
+    from safetensors.torch import load_file
+
+    manifest = json.loads((output / "manifest.json").read_text())
+    found = {}
+    for shard in manifest["shards"]:
+        tensors = load_file(str(output / shard["file"]))
+        assert tensors["pooled"].shape[0] == len(shard["ids"]) == tensors["grid_hw"].shape[0]
+        for j, image_id in enumerate(shard["ids"]):
+            assert image_id not in found, f"{image_id} in two shards"
+            found[image_id] = (tensors["pooled"][j], tuple(tensors["grid_hw"][j].tolist()), tensors.get(f"features.{j}"))
+    return manifest, found
+
+
+def assert_matches_reference(found: dict, ref: dict, grids: bool = True) -> None:
+    assert sorted(found) == sorted(ref)
+    for image_id, (pooled, grid, fmap) in found.items():
+        assert grid == ref[image_id][1], image_id
+        torch.testing.assert_close(pooled, ref[image_id][0], atol=1e-5, rtol=1e-5)
+        if grids:
+            torch.testing.assert_close(fmap, ref[image_id][2], atol=1e-5, rtol=1e-5)
