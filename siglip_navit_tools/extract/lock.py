@@ -11,6 +11,7 @@ however long orphaned workers linger. Must not know what the folder holds (shard
 
 from __future__ import annotations
 
+import errno
 import os
 from pathlib import Path
 from typing import Optional
@@ -44,6 +45,13 @@ def _in_use(output: Path) -> UsageError:
     return UsageError(f"--output {str(output)!r} is in use by another extract_features.py run")
 
 
+def _no_locks(output: Path, exc: OSError) -> UsageError:
+    return UsageError(
+        f"--output {str(output)!r} is on a file system without file locks ({exc.strerror}); use a folder on one with "
+        "them (NFSv4, Lustre mounted with -o flock, CephFS, GPFS, any local disk), which one run at a time relies on"
+    )
+
+
 class OutputLock:
     """An exclusive lock on `output/.lock`, held by this process alone until `release()` or the process's end."""
 
@@ -66,6 +74,11 @@ class OutputLock:
         except BlockingIOError as exc:
             os.close(fd)
             raise _in_use(output) from exc
+        except OSError as exc:
+            os.close(fd)
+            if exc.errno in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS):
+                raise _no_locks(output, exc) from exc
+            raise
         except BaseException:
             os.close(fd)
             raise

@@ -9,6 +9,7 @@ injects the fault). The suite runs a few torchrun trials (each costs two worker 
 rank and action runs with EXTRACT_RESTART_TRIALS=all (and EXTRACT_RESTART_REPEAT=N repeats each).
 """
 
+import errno
 import json
 import os
 import signal
@@ -24,7 +25,7 @@ import torch.distributed as dist
 from PIL import Image
 from safetensors import safe_open
 
-from siglip_navit_tools.extract import distributed
+from siglip_navit_tools.extract import UsageError, distributed, lock
 from siglip_navit_tools.testing import build_hub_dir, make_model, tiny_config
 
 WORKER = Path(__file__).with_name("_extract_restart_worker.py")
@@ -178,3 +179,14 @@ def test_torchrun_survives_a_fault_in_every_attempt(model_dir, image_dir, tmp_pa
     assert code == 0, logs[-6000:]
     _check_every_input_once(out, image_dir)
 
+
+# ---- a shared --output ---------------------------------------------------------------------------------------------
+def test_output_on_a_file_system_without_locks_is_refused_in_one_line(tmp_path, monkeypatch):
+    def no_locks(fd, operation):
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    open_fds = len(os.listdir("/proc/self/fd"))
+    monkeypatch.setattr(lock.fcntl, "flock", no_locks)
+    with pytest.raises(UsageError, match=r"--output .* is on a file system without file locks \(No locks available\)"):
+        lock.lock_output(tmp_path)
+    assert len(os.listdir("/proc/self/fd")) == open_fds  # the lock file's descriptor is closed again
