@@ -109,7 +109,7 @@ def install(rank: int, step: str, action: str) -> None:
         run.run_settings = run_settings
     elif step == "shard":
         real_encode = run.encode_shard
-        act_once = _once(lambda: act(f"mid-shard (after a forward)"))
+        act_once = _once(lambda: act("mid-shard (after a forward)"))
 
         def encode_shard(job, *args, **kwargs):
             items = job.items
