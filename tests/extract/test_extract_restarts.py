@@ -1,6 +1,6 @@
 """extract_features.py under `torchrun --max-restarts` (issue 21): a rank killed with SIGKILL, or raising, at any point
-of the first attempt (planning, mid-shard, between shards, the final manifest) -> torchrun's restarted attempt resumes from
-the finished shards and ends with exit 0, a complete manifest and every input in exactly one shard file.
+of the first attempt (planning, mid-shard, between shards, the final manifest) -> torchrun's restarted attempt resumes
+from the finished shards and ends with exit 0, a complete manifest and every input in exactly one shard file.
 
 The restarted attempt's ranks must not meet in torchrun's store where the killed attempt's keys still are (torch 2.13
 keeps one store for the whole job): `distributed.attempt_namespace` is tested alone on a real TCPStore holding an
