@@ -2,12 +2,15 @@
 """torchrun helpers: this process's rank and device, and collectives that are no-ops in a world of one.
 
 torchrun / `accelerate launch` set RANK, WORLD_SIZE and LOCAL_RANK; with world_size > 1 the process group is
-joined (nccl on CUDA, gloo on CPU). Owns nothing about images, models or files: callers pass plain objects.
+joined (nccl on CUDA, gloo on CPU), in a key namespace of torchrun's store that is fresh for every attempt (torchrun
+`--max-restarts`: `attempt_namespace`). Owns nothing about images, models or files: callers pass plain objects.
 """
 
 from __future__ import annotations
 
 import os
+import time
+import uuid
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any, Callable, Optional
@@ -80,10 +83,65 @@ def init_distributed(device: Optional[str], timeout_minutes: float) -> World:
     if chosen.type == "cuda":
         torch.cuda.set_device(chosen)
     if world_size > 1 and not dist.is_initialized():
+        timeout = timedelta(minutes=timeout_minutes)
+        store = _attempt_store(rank, world_size, timeout)
         dist.init_process_group(
-            backend="nccl" if chosen.type == "cuda" else "gloo", timeout=timedelta(minutes=timeout_minutes)
-        )
+            backend="nccl" if chosen.type == "cuda" else "gloo", timeout=timeout,
+            **({"store": store, "rank": rank, "world_size": world_size} if store is not None else {}),
+        )  # fmt: skip
     return World(rank, world_size, chosen)
+
+
+# A limit of torch 2.13 worked around here: torchrun's agent shares its rendezvous TCPStore with the workers and keeps
+# that ONE store for the whole job, across `--max-restarts` attempts (static and c10d rendezvous alike), and env://
+# joins it with no per-attempt prefix. A restarted attempt's init_process_group thus finds the dead attempt's keys --
+# each rank's gloo address under `default_pg/0//cpu//0/RANK`, nccl's unique id -- and a rank that reads its peer's
+# key before the peer rewrites it connects to a dead port ("Gloo connectFullMesh failed ... Connection refused") or
+# waits for a peer that never comes (as pytorch/pytorch#135712 reported for 2.5). TORCHELASTIC_RESTART_COUNT cannot
+# name the attempt: each node's agent counts its own restarts only. So the ranks agree on a fresh namespace of the
+# store themselves (`attempt_namespace`), and the process group and every key of the run live under it.
+ATTEMPTS = "siglip_navit_extract/attempts/"
+
+
+def _attempt_store(rank: int, world_size: int, timeout: timedelta) -> Optional[Any]:
+    """The store to join the process group through: None (torch's own env:// rendezvous) unless torchrun's agent
+    hosts a store that outlives this attempt (TORCHELASTIC_USE_AGENT_STORE=True); then a namespace of that store
+    that no earlier attempt has used."""
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != str(True):
+        return None
+    agent = dist.TCPStore(
+        os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False, timeout=timeout
+    )
+    namespace = attempt_namespace(dist.PrefixStore(ATTEMPTS, agent), rank, world_size, timeout.total_seconds())
+    return dist.PrefixStore(f"{ATTEMPTS}{namespace}/", agent)
+
+
+def attempt_namespace(store: Any, rank: int, world_size: int, timeout: float, poll: float = 0.05) -> str:
+    """A name every rank of this attempt agrees on and no earlier attempt used, through a `store` that may still hold
+    earlier attempts' keys. Rank 0 draws it; every other rank publishes a nonce of its own (`join/RANK`) and waits
+    for the answer filed under that nonce, which only this attempt's rank 0 can write; rank 0 answers whatever nonce
+    each `join/RANK` holds (an earlier attempt's, then this one's) until every rank confirms under the new name."""
+    if rank != 0:
+        nonce = uuid.uuid4().hex
+        store.set(f"join/{rank}", nonce)
+        namespace = store.get(f"answer/{rank}/{nonce}").decode()  # waits (the store's timeout)
+        store.set(f"joined/{namespace}/{rank}", "1")
+        return namespace
+    namespace = uuid.uuid4().hex
+    others = list(range(1, world_size))
+    answered: dict[int, bytes] = {}
+    deadline = time.monotonic() + timeout
+    while True:
+        nonces = store.multi_get([f"join/{r}" for r in others])  # waits until every rank has published one
+        fresh = [(r, nonce) for r, nonce in zip(others, nonces) if answered.get(r) != nonce]
+        if fresh:
+            store.multi_set([f"answer/{r}/{nonce.decode()}" for r, nonce in fresh], [namespace] * len(fresh))
+            answered.update(fresh)
+        if store.check([f"joined/{namespace}/{r}" for r in others]):
+            return namespace
+        if time.monotonic() > deadline:
+            raise ToolError(f"torch.distributed: not every rank joined within {timeout:.0f} s (--dist-timeout-minutes)")
+        time.sleep(poll)
 
 
 def shutdown() -> None:

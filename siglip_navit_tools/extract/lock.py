@@ -9,6 +9,7 @@ regular file, or the folder cannot be written. Must not know what the folder hol
 
 from __future__ import annotations
 
+import errno
 from pathlib import Path
 
 from ..io.atomic import describe_os_error
@@ -36,6 +37,12 @@ class OutputLock(FileLock):
                 f"this tool makes that); remove {output / LOCK} or choose another --output"
             ) from None
         except OSError as exc:
+            if exc.errno in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS):
+                raise UsageError(
+                    f"{where} is on a file system without file locks ({exc.strerror}); use a folder on one with them "
+                    "(NFSv4, Lustre mounted with -o flock, CephFS, GPFS, any local disk), which one run at a time "
+                    "relies on"
+                ) from None
             raise UsageError(
                 f"{where} cannot be written ({describe_os_error(exc)}: {exc.filename or output}); choose an --output "
                 "on a writable file system that you may write to"
