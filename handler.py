@@ -100,6 +100,11 @@ class RequestLimits:
 DEFAULT_LIMITS = RequestLimits()
 
 
+class RequestLimitError(ValueError):
+    """A request over one of its `RequestLimits` (a ValueError, the handler's documented error; the server answers
+    it with 413 instead of 400)."""
+
+
 def _decode_base64(text: str, where: str, max_bytes: Optional[int] = None) -> bytes:
     """A base64 string, or a `data:<type>;base64,<data>` URL -> bytes (at most `max_bytes`, refused before decoding)."""
     if text.startswith("data:"):
@@ -110,7 +115,7 @@ def _decode_base64(text: str, where: str, max_bytes: Optional[int] = None) -> by
     if not compact:
         raise ValueError(f"{where}: empty base64 string")
     if max_bytes is not None and len(compact) // 4 * 3 > max_bytes:
-        raise ValueError(
+        raise RequestLimitError(
             f"{where}: about {len(compact) // 4 * 3:,} bytes of image data, more than max_request_bytes={max_bytes:,}"
         )
     try:
@@ -124,7 +129,7 @@ def _decode_base64(text: str, where: str, max_bytes: Optional[int] = None) -> by
 def _check_pixels(image: PIL.Image.Image, where: str, limits: RequestLimits) -> PIL.Image.Image:
     width, height = image.size
     if width * height > limits.max_image_pixels:
-        raise ValueError(
+        raise RequestLimitError(
             f"{where}: the image is {width}x{height} = {width * height:,} pixels, more than max_image_pixels="
             f"{limits.max_image_pixels:,} (read from its header; nothing was decoded). Send a smaller image: it is "
             "resized to the model's size anyway."
@@ -151,7 +156,7 @@ def open_image(item: Any, where: str, limits: RequestLimits = DEFAULT_LIMITS) ->
     try:
         image = PIL.Image.open(io.BytesIO(raw), formats=[f for f in IMAGE_FORMATS if f in PIL.Image.OPEN])
     except PIL.Image.DecompressionBombError as err:  # PIL's own guard, above max_image_pixels' usual values
-        raise ValueError(
+        raise RequestLimitError(
             f"{where}: the image is too large to decode safely ({err}); the limit is max_image_pixels="
             f"{limits.max_image_pixels:,}"
         ) from err
@@ -169,7 +174,7 @@ def decode_pixels(image: PIL.Image.Image, where: str) -> PIL.Image.Image:
     try:
         image.load()
     except PIL.Image.DecompressionBombError as err:
-        raise ValueError(f"{where}: the image is too large to decode safely ({err})") from err
+        raise RequestLimitError(f"{where}: the image is too large to decode safely ({err})") from err
     except (OSError, SyntaxError, ValueError, EOFError, struct.error, zlib.error, MemoryError) as err:
         raise ValueError(f"{where}: the image data cannot be decoded ({err})") from err
     return image
@@ -186,12 +191,12 @@ def open_images(items: Sequence[Any], name: str, limits: RequestLimits = DEFAULT
     if not items:
         raise ValueError(f"'{name}' is an empty list; send at least one image")
     if len(items) > limits.max_images_per_request:
-        raise ValueError(
+        raise RequestLimitError(
             f"'{name}' holds {len(items)} images, more than max_images_per_request={limits.max_images_per_request}"
         )
     size = sum(len(item) for item in items if isinstance(item, (str, bytes, bytearray, memoryview)))
     if size > limits.max_request_bytes:
-        raise ValueError(
+        raise RequestLimitError(
             f"'{name}' holds {size:,} bytes of image data, more than max_request_bytes={limits.max_request_bytes:,}"
         )
     return [open_image(item, f"{name}[{i}]", limits) for i, item in enumerate(items)]
@@ -204,12 +209,12 @@ def check_patches(
     fit one forward, and a response of more than `max_response_values` numbers."""
     for n, name in zip(patches, where):
         if n > limits.max_patches_per_batch:
-            raise ValueError(
+            raise RequestLimitError(
                 f"{name}: its {n} patches do not fit one forward (max_patches_per_batch={limits.max_patches_per_batch})"
             )
     values = channels * (len(patches) if pooled else sum(patches))
     if values > limits.max_response_values:
-        raise ValueError(
+        raise RequestLimitError(
             f"the response would hold {values:,} numbers ({len(patches)} images), more than max_response_values="
             f"{limits.max_response_values:,}; send fewer or smaller images, or ask for pooled features"
         )
@@ -237,7 +242,7 @@ def pipeline_kwargs(parameters: Any, limits: RequestLimits = DEFAULT_LIMITS) -> 
     kwargs = {PARAMETERS[name]: value for name, value in parameters.items()}
     budget = kwargs.get("max_patches_per_batch")
     if isinstance(budget, int) and not isinstance(budget, bool) and budget > limits.max_patches_per_batch:
-        raise ValueError(
+        raise RequestLimitError(
             f"'max_patches_per_batch' = {budget} is more than this endpoint allows (max_patches_per_batch="
             f"{limits.max_patches_per_batch} patches per forward)"
         )
