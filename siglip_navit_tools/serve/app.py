@@ -33,7 +33,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, G
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from . import protocol
-from .batcher import Batcher, Closed, QueueFull, Ticket, TooLarge, Waiting
+from .batcher import DROPPED, PREPARING, Batcher, Closed, QueueFull, Ticket, TooLarge, Waiting
 from .engine import BadImage, Engine, OverLimit, Prepared, RequestImages
 from .options import ServeOptions
 from .protocol import ApiError
@@ -57,6 +57,8 @@ class Metrics:
         self.forwards = Counter("siglip_navit_forwards", "packed forwards run", registry=r)
         self.queue_patches = Gauge("siglip_navit_queue_patches", "patches admitted, not yet in a forward", registry=r)
         self.queue_patches.set_function(lambda: batcher.queued_patches)
+        self.running = Gauge("siglip_navit_forward_running_patches", "patches in the forward now running", registry=r)
+        self.running.set_function(lambda: batcher.running_patches)
         self.in_flight = Gauge("siglip_navit_requests_in_flight", "requests being handled", registry=r)
         self.request_seconds = Histogram(
             "siglip_navit_request_seconds", "request latency", ["endpoint"], buckets=SECONDS_BUCKETS, registry=r
@@ -85,6 +87,7 @@ class Record:
 
     request_id: str
     endpoint: str
+    deadline: float = 0.0  # event-loop time by which it must be answered (--request-timeout from its arrival)
     images: int = 0
     patches: int = 0
     ticket: Optional[Ticket] = None
@@ -142,7 +145,8 @@ class Server:
         self, request: Request, endpoint: str, work: Callable[[Request, Record], Awaitable[Response]], *, admit=True
     ) -> Response:
         """Auth, draining and concurrency checks around `work`, its errors in OpenAI's shape, metrics, the log line."""
-        record = Record(uuid.uuid4().hex[:16], endpoint)
+        loop = asyncio.get_running_loop()
+        record = Record(uuid.uuid4().hex[:16], endpoint, deadline=loop.time() + self.options.request_timeout)
         start = time.perf_counter()
         counted = False
         try:
@@ -199,8 +203,9 @@ class Server:
             seconds, "".join(f" {note}" for note in record.notes),
         )  # fmt: skip
 
-    async def read_json(self, request: Request) -> Any:
-        """The body, at most --max-request-bytes (413), parsed on a worker thread."""
+    async def read_json(self, request: Request, record: Record) -> Any:
+        """The body, at most --max-request-bytes (413), by the request's deadline (504: a client trickling its body
+        cannot hold a slot for ever), parsed on a worker thread."""
         limit = self.options.max_request_bytes
         declared = request.headers.get("content-length")
         if declared is not None:
@@ -208,13 +213,25 @@ class Server:
                 raise protocol.bad_request(f"bad Content-Length header {declared[:40]!r}")
             if int(declared) > limit:
                 raise _too_large(f"the request body is {int(declared):,} bytes, more than --max-request-bytes {limit:,}")
-        chunks, size = [], 0
-        async for chunk in request.stream():
-            size += len(chunk)
-            if size > limit:
-                raise _too_large(f"the request body is more than --max-request-bytes {limit:,} bytes")
-            chunks.append(chunk)
-        return await self.run(protocol.parse_json, b"".join(chunks))
+
+        async def read() -> bytes:
+            chunks, size = [], 0
+            async for chunk in request.stream():
+                size += len(chunk)
+                if size > limit:
+                    raise _too_large(f"the request body is more than --max-request-bytes {limit:,} bytes")
+                chunks.append(chunk)
+            return b"".join(chunks)
+
+        try:
+            body = await asyncio.wait_for(read(), max(0.0, record.deadline - asyncio.get_running_loop().time()))
+        except asyncio.TimeoutError:
+            raise self._timeout() from None
+        return await self.run(protocol.parse_json, body)
+
+    def _timeout(self) -> ApiError:
+        return ApiError(504, f"the request took more than --request-timeout {self.options.request_timeout} s",
+                        type="timeout_error", code="timeout")  # fmt: skip
 
     def check_model(self, name: str) -> None:
         if name != self.engine.name:
@@ -249,7 +266,7 @@ class Server:
         record.ticket = ticket
         for index, (image, where, grid) in enumerate(zip(images.images, images.where, images.grids)):
             self.pool.submit(self.prepare, ticket, index, image, where, grid, output)
-        await self.wait(request, ticket, done)
+        await self.wait(request, record, ticket, done)
         if ticket.error is not None:
             raise _error_response(ticket.error, record)
         return images, ticket.results
@@ -267,20 +284,26 @@ class Server:
             return
         self.batcher.put(ticket, index, prepared)
 
-    async def wait(self, request: Request, ticket: Ticket, done: asyncio.Future) -> None:
-        """Until the ticket is done; 504 after --request-timeout; a client that leaves has its images dropped."""
+    async def wait(self, request: Request, record: Record, ticket: Ticket, done: asyncio.Future) -> None:
+        """Until the ticket is done; 504 at the request's deadline; a client that leaves has its images dropped
+        (in both cases the images that had not started a forward leave the queue)."""
         loop = asyncio.get_running_loop()
-        deadline = loop.time() + self.options.request_timeout
         while not done.done():
-            remaining = deadline - loop.time()
+            remaining = record.deadline - loop.time()
             if remaining <= 0:
                 self.batcher.cancel(ticket)
-                raise ApiError(504, f"the request took more than --request-timeout {self.options.request_timeout} s",
-                               type="timeout_error", code="timeout")  # fmt: skip
+                record.notes.append(f"not_started={_not_started(ticket)}")
+                raise self._timeout()
             await asyncio.wait({done}, timeout=min(DISCONNECT_POLL_SECONDS, remaining))
             if not done.done() and await request.is_disconnected():
                 self.batcher.cancel(ticket)
+                record.notes.append(f"client_gone not_started={_not_started(ticket)}")
                 raise ClientGone()
+
+
+def _not_started(ticket: Ticket) -> int:
+    """Images of a cancelled request that never reached a forward (dropped from the queue, or never queued)."""
+    return sum(state in (DROPPED, PREPARING) for state in ticket.states)
 
 
 def _too_large(message: str, param: Optional[str] = None) -> ApiError:
@@ -350,7 +373,7 @@ def create_app(server: Server) -> FastAPI:
     @app.post("/v1/embeddings")
     async def embeddings(request: Request) -> Response:
         async def work(request: Request, record: Record) -> Response:
-            parsed = protocol.parse_embeddings(await server.read_json(request))
+            parsed = protocol.parse_embeddings(await server.read_json(request, record))
             server.check_model(parsed.model)
             if parsed.user:
                 record.notes.append(f"user={parsed.user[:64]!r}")
@@ -365,7 +388,7 @@ def create_app(server: Server) -> FastAPI:
     @app.post("/v1/features")
     async def features(request: Request) -> Response:
         async def work(request: Request, record: Record) -> Response:
-            parsed = protocol.parse_features(await server.read_json(request))
+            parsed = protocol.parse_features(await server.read_json(request, record))
             server.check_model(parsed.model)
             output = "pooled" if parsed.pool else parsed.dtype
             images, results = await server.encode(request, record, parsed.inputs, output)

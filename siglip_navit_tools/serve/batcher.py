@@ -148,6 +148,7 @@ class Batcher:
         self._closed = False  # no new requests
         self._stopping = False  # the model thread ends once nothing is left
         self._rate = 0.0  # recent patches per second of the model (for Retry-After)
+        self.running_patches = 0  # patches in the forward now running (0: the model is idle)
         self._thread: Optional[threading.Thread] = None
 
     # ---- what the request side calls ---------------------------------------------------------------------------
@@ -300,6 +301,8 @@ class Batcher:
 
     def _run(self, items: list[Waiting]) -> None:
         start = self.clock()
+        patches = sum(item.patches for item in items)
+        self.running_patches = patches
         try:
             results = self.forward(items)
             if len(results) != len(items):
@@ -309,8 +312,9 @@ class Batcher:
             for ticket in {id(item.ticket): item.ticket for item in items}.values():
                 self.fail(ticket, exc)
             return
+        finally:
+            self.running_patches = 0
         seconds = self.clock() - start
-        patches = sum(item.patches for item in items)
         if seconds > 0:
             self._rate = patches / seconds if self._rate == 0 else 0.8 * self._rate + 0.2 * patches / seconds
         if self.on_forward is not None:

@@ -76,4 +76,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         lambda: serve(options),
         error_prefix=f"{PROG}: error: ",
         interrupted=f"{PROG}: interrupted while starting",
+        unexpected="Rerun with --log-level debug for the traceback.",
+        debug=options.log_level == "debug",
     )

@@ -21,6 +21,7 @@ import PIL.Image
 import torch
 
 from .. import repo_code
+from ..extract.options import UsageError
 from ..extract.pipeline import load_model_and_processor, resolve_dtype
 from .batcher import Waiting
 from .options import ServeOptions
@@ -76,8 +77,6 @@ class Engine:
         self.hidden_size = int(model.config.hidden_size)
         largest = processor.max_patches_per_image()
         if largest is not None and largest > options.max_patches_per_batch:
-            from ..extract.options import UsageError
-
             raise UsageError(
                 f"--max-patches-per-batch {options.max_patches_per_batch} cannot hold the largest image this model's "
                 f"processor makes ({largest} patches); raise it"
@@ -85,7 +84,10 @@ class Engine:
 
     @classmethod
     def load(cls, options: ServeOptions) -> "Engine":
-        device = torch.device(options.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        from transformers.utils import logging as transformers_logging
+
+        transformers_logging.disable_progress_bar()  # a server logs lines, not progress bars
+        device = _device(options.device)
         dtype, why = resolve_dtype(options.dtype, device)
         logger.info("%s", why)
         model, processor = load_model_and_processor(
@@ -157,6 +159,21 @@ class Engine:
         grid = tuple(self.processor.patch_grid(64, 64))
         prepared = Prepared(self.processor(image), "pooled")
         self.forward([Waiting(ticket=None, index=0, patches=math.prod(grid), payload=prepared, arrived=0.0)])
+
+
+def _device(name: Optional[str]) -> torch.device:
+    """--device -> a torch device this machine has (None: cuda when available, else cpu)."""
+    if name is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError) as err:
+        raise UsageError(f"--device {name!r} is not a torch device (e.g. cpu, cuda, cuda:1)") from err
+    if device.type == "cuda" and (not torch.cuda.is_available() or (device.index or 0) >= torch.cuda.device_count()):
+        raise UsageError(f"--device {name!r}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    if device.type not in ("cpu", "cuda"):
+        raise UsageError(f"--device {name!r}: the server runs on cpu or cuda devices")
+    return device
 
 
 def _without_image_prefix(err: Exception) -> str:
