@@ -41,6 +41,7 @@ from .protocol import ApiError
 logger = logging.getLogger("siglip_navit_tools.serve")
 
 DISCONNECT_POLL_SECONDS = 0.1  # how often a waiting request checks that its client is still there
+LIGHT_THREADS = 2  # threads for the short steps of a request (parse the body, read headers, encode the answer)
 PATCH_BUCKETS = (64, 256, 1024, 2048, 4096, 8192, 16384, 32768, 65536, 131072)
 SECONDS_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
 
@@ -111,7 +112,10 @@ class Server:
         )  # fmt: skip
         self.metrics = Metrics(self.batcher)
         self.batcher.on_forward = self.metrics.forward_ran
-        self.pool: Optional[concurrent.futures.ThreadPoolExecutor] = None
+        self.pool: Optional[concurrent.futures.ThreadPoolExecutor] = None  # decoding + preprocessing (--workers)
+        # parsing bodies, reading headers, encoding responses: short steps that must not queue behind the heavy ones
+        # (a packed forward finishes many requests at once; their answers should not wait for other images' decoding)
+        self.light_pool: Optional[concurrent.futures.ThreadPoolExecutor] = None
         self.workers = options.workers
         self.draining = False
         self.in_flight = 0
@@ -120,6 +124,7 @@ class Server:
     # ---- lifecycle --------------------------------------------------------------------------------------------
     def start(self) -> None:
         self.pool = concurrent.futures.ThreadPoolExecutor(self.workers, thread_name_prefix="siglip-navit-prepare")
+        self.light_pool = concurrent.futures.ThreadPoolExecutor(LIGHT_THREADS, thread_name_prefix="siglip-navit-io")
         self.batcher.start()
 
     def stop(self) -> None:
@@ -127,8 +132,9 @@ class Server:
         self.draining = True
         if not self.batcher.close(timeout=max(1.0, self.options.drain_timeout)):
             logger.warning("the model thread was still busy after --drain-timeout; exiting anyway")
-        if self.pool is not None:
-            self.pool.shutdown(wait=False, cancel_futures=True)
+        for pool in (self.pool, self.light_pool):
+            if pool is not None:
+                pool.shutdown(wait=False, cancel_futures=True)
 
     def start_draining(self) -> None:
         """SIGTERM / Ctrl-C: new requests get 503 from now on; accepted ones finish."""
@@ -137,8 +143,8 @@ class Server:
         self.draining = True
 
     async def run(self, fn: Callable[..., Any], *args: Any) -> Any:
-        """`fn(*args)` on a worker thread (never on the event loop)."""
-        return await asyncio.get_running_loop().run_in_executor(self.pool, fn, *args)
+        """`fn(*args)`, a short step (parse, headers, encode), on a thread of the light pool (never on the event loop)."""
+        return await asyncio.get_running_loop().run_in_executor(self.light_pool, fn, *args)
 
     # ---- one request --------------------------------------------------------------------------------------------
     async def handle(

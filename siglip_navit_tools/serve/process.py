@@ -1,8 +1,9 @@
 # Copyright 2026 The siglip-navit authors. Licensed under the Apache License, Version 2.0.
 """`ServerProcess`: `serve.py` started as a child process on a free loopback port, as a user starts it.
 
-Owns starting the command (`python serve.py --model ... --port 0 ...` from the repo root, so no install is needed),
-learning its port from uvicorn's "running on" line, waiting for /health, keeping its log lines, and stopping it
+Owns starting the command (`python <repo root>/serve.py --model ... --port 0 ...` in the caller's working directory;
+serve.py's folder puts the package on the path, so no install is needed),
+learning its port from the server's "listening on" line, waiting for /health, keeping its log lines, and stopping it
 (SIGTERM: the server drains and exits 0). Used by the tests and the benchmarks; must not talk the API itself.
 """
 
@@ -22,7 +23,7 @@ from typing import Optional, Sequence
 
 from ..repo_code import REPO_ROOT
 
-RUNNING = re.compile(r"Uvicorn running on http://([^:\s]+):(\d+)")
+RUNNING = re.compile(r"serve\.py: listening on http://([^:\s]+):(\d+)")  # run.LISTENING
 
 
 class ServerProcess:
@@ -40,7 +41,7 @@ class ServerProcess:
     def start(self, timeout: float = 180.0) -> "ServerProcess":
         """Start it and wait until /health answers 200; raises with the log if it exits or times out first."""
         self.process = subprocess.Popen(
-            self.command, cwd=REPO_ROOT, env=self.env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
+            self.command, env=self.env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
         )
         self._reader = threading.Thread(target=self._read, daemon=True)
         self._reader.start()

@@ -14,6 +14,7 @@ import contextlib
 import logging
 import os
 import signal
+import sys
 import threading
 from typing import Iterator, Optional
 
@@ -25,6 +26,7 @@ from .options import API_KEY_ENV, ServeOptions, default_workers
 
 logger = logging.getLogger("siglip_navit_tools.serve")
 SHUTDOWN_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+LISTENING = "serve.py: listening on"  # + the URL, printed once the socket is bound
 
 
 class DrainingServer(uvicorn.Server):
@@ -45,6 +47,12 @@ class DrainingServer(uvicorn.Server):
         finally:
             for sig, handler in original.items():
                 signal.signal(sig, handler)
+
+    async def startup(self, sockets=None) -> None:
+        await super().startup(sockets)
+        if self.started:  # the bound address, whatever the log level (with --port 0 the OS chose the port)
+            host, port = self.servers[0].sockets[0].getsockname()[:2]
+            print(f"{LISTENING} http://{host}:{port}", file=sys.stderr, flush=True)
 
     def handle_exit(self, sig: int, frame) -> None:
         self.app_server.start_draining()
