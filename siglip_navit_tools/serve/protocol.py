@@ -67,8 +67,9 @@ class FeaturesRequest:
 def parse_json(body: bytes) -> Any:
     try:
         return json.loads(body)
-    except (UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise bad_request(f"the request body is not valid JSON ({err})", code="invalid_json") from err
+    except (ValueError, RecursionError) as err:  # not UTF-8, not JSON, or nested deeper than the parser goes
+        raise bad_request(f"the request body is not valid JSON ({type(err).__name__}: {err})"[:300],
+                          code="invalid_json") from err  # fmt: skip
 
 
 def _object(data: Any, fields: Sequence[str], endpoint: str) -> dict:
