@@ -53,8 +53,8 @@ def serving(env: Env) -> str:
     counted = failures if env.cuda else errors  # on CPU (the dry run) timings are no verdict
     env.failures.extend(f"serving: {f}" for f in counted)
     caption = (
-        f"{len(g.serve_concurrency)} concurrency levels ({', '.join(map(str, g.serve_concurrency))}), {g.serve_requests} "
-        f"one-image requests per cell, --dtype {dtype}, budget {g.serve_budget} patches."
+        f"Concurrency {', '.join(map(str, g.serve_concurrency))}; {g.serve_requests} one-image requests per cell, "
+        f"--dtype {dtype}, budget {g.serve_budget} patches."
     )
     if env.cuda:
         verdict = "Acceptance: " + ("all checks passed." if not failures else "FAILED: " + "; ".join(failures))

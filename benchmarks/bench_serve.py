@@ -9,10 +9,10 @@ none` (each request alone in its forwards: what a plain handler does). A bounded
 `http.client`, one keep-alive connection per client thread, request bodies built beforehand) sends each server the
 same requests at concurrency 1 / 8 / 32: first small images (224-448 px, the common embedding request), then a mix
 with photo-sized images (~1 in 6, 600-1600 px). The two servers are driven in turn, round by round (the order
-alternates; at concurrency 1 request by request), so drifting load affects both alike. Prints markdown: images/s, p50 / p99 request latency and packing
-efficiency (images per forward, patches per forward / budget, from each server's /metrics) per mode, and the ratios
-continuous / none, with the acceptance checks (latency at concurrency 1 <= 1.05x, throughput > 1x at 8 and 32 on
-small images).
+alternates; at concurrency 1 request by request), so drifting load affects both alike. Prints markdown: images/s,
+p50 / p99 request latency and packing efficiency (images per forward, patches per forward / budget, from each
+server's /metrics) per mode, and the ratios continuous / none, with the acceptance checks (latency at concurrency 1
+<= 1.05x, throughput > 1x at 8 and 32 on small images).
 
 `compare()` and `markdown()` are reused by `gpu_check.py`'s serving section.
 """
@@ -198,7 +198,7 @@ def summary(runs: Sequence[Run], budget: int) -> dict[str, float]:
     return {
         "images_per_s": sum(len(run.latencies) for run in runs) / sum(run.seconds for run in runs),
         "p50": statistics.median(latencies) if latencies else float("nan"),
-        "p99": latencies[min(len(latencies) - 1, int(round(0.99 * (len(latencies) - 1))))] if latencies else float("nan"),
+        "p99": latencies[int(round(0.99 * (len(latencies) - 1)))] if latencies else float("nan"),
         "images_per_forward": images / forwards if forwards else float("nan"),
         "fill": patches / (forwards * budget) if forwards else float("nan"),
         "errors": sum(len(run.errors) for run in runs),
@@ -296,7 +296,8 @@ def main(argv=None) -> int:
     print(f"## Serving: continuous packing vs one request per forward ({args.device}, {args.dtype})\n")
     print(f"{cpu.describe()}; model: hidden {args.hidden}, MLP "
           f"{args.mlp}, {max(1, args.hidden // 64)} heads, {args.layers} layers, patch 14, 980 px (random weights); "
-          f"budget {args.max_patches_per_batch} patches; one image per request; {args.rounds} rounds per cell.\n")  # fmt: skip
+          f"budget {args.max_patches_per_batch} patches; one image per request; {args.rounds} rounds per "
+          "cell.\n")  # fmt: skip
     print(table)
     print("\n" + ("Acceptance: all checks passed." if not failures else "Acceptance FAILED: " + "; ".join(failures)))
     return 0 if not failures else 1

@@ -143,7 +143,7 @@ class Server:
         self.draining = True
 
     async def run(self, fn: Callable[..., Any], *args: Any) -> Any:
-        """`fn(*args)`, a short step (parse, headers, encode), on a thread of the light pool (never on the event loop)."""
+        """`fn(*args)`, a short step (parse, headers, encode), on a light-pool thread (never on the event loop)."""
         return await asyncio.get_running_loop().run_in_executor(self.light_pool, fn, *args)
 
     # ---- one request --------------------------------------------------------------------------------------------
@@ -204,7 +204,8 @@ class Server:
         forward = ticket.forward_seconds * 1000 if ticket else 0.0
         forwards = ticket.forwards if ticket else 0
         logger.info(
-            "request %s %s status=%d images=%d patches=%d queue_wait_ms=%.1f forward_ms=%.1f forwards=%d seconds=%.3f%s",
+            "request %s %s status=%d images=%d patches=%d queue_wait_ms=%.1f forward_ms=%.1f forwards=%d "
+            "seconds=%.3f%s",
             record.request_id, record.endpoint, status, record.images, record.patches, wait, forward, forwards,
             seconds, "".join(f" {note}" for note in record.notes),
         )  # fmt: skip
@@ -218,7 +219,9 @@ class Server:
             if not declared.isdigit():
                 raise protocol.bad_request(f"bad Content-Length header {declared[:40]!r}")
             if int(declared) > limit:
-                raise _too_large(f"the request body is {int(declared):,} bytes, more than --max-request-bytes {limit:,}")
+                raise _too_large(
+                    f"the request body is {int(declared):,} bytes, more than --max-request-bytes {limit:,}"
+                )
 
         async def read() -> bytes:
             chunks, size = [], 0

@@ -14,7 +14,7 @@ from typing import Optional, Sequence
 
 from .. import cli
 from ..extract.options import ATTN_IMPLEMENTATIONS, DTYPE_CHOICES
-from .options import API_KEY_ENV, BATCHING_MODES, ServeOptions
+from .options import API_KEY_ENV, BATCHING_MODES, LOG_LEVELS, ServeOptions
 from .run import serve
 
 PROG = "serve.py"
@@ -41,13 +41,15 @@ def build_parser() -> argparse.ArgumentParser:
     add("--revision", default=None, help="model revision (branch, tag or commit) on the Hub")
     add("--trust-remote-code", action="store_true", help="run the code of --model's repo (default: this checkout's)")
     add("--batching", choices=list(BATCHING_MODES), default=d.batching,
-        help="continuous: pack images of all in-flight requests into each forward; none: one request at a time")  # fmt: skip
+        help="continuous: pack the images of all in-flight requests into each forward; none: one request at a "
+        "time")  # fmt: skip
     add("--max-patches-per-batch", type=int, default=d.max_patches_per_batch, help="token budget of one forward")
     add("--max-wait-ms", type=float, default=d.max_wait_ms,
         help="longest a waiting image waits for others to share its forward (only while admitted images are still "
         "being decoded)")  # fmt: skip
     add("--max-queue-patches", type=int, default=d.max_queue_patches,
-        help="patches admitted but not yet encoded; a request that would overflow it gets 503 + Retry-After")  # fmt: skip
+        help="patches admitted but not yet encoded; a request that would overflow it gets 503 + "
+        "Retry-After")  # fmt: skip
     add("--max-request-bytes", type=int, default=d.max_request_bytes, help="largest request body (413 above)")
     add("--max-images-per-request", type=int, default=d.max_images_per_request, help="413 above")
     add("--max-image-pixels", type=int, default=d.max_image_pixels,
@@ -59,7 +61,7 @@ def build_parser() -> argparse.ArgumentParser:
     add("--drain-timeout", type=float, default=d.drain_timeout,
         help="seconds SIGTERM / Ctrl-C wait for accepted requests before exiting")  # fmt: skip
     add("--workers", type=int, default=None, help="decoding / preprocessing threads (default: CPU cores, at most 8)")
-    add("--log-level", choices=["debug", "info", "warning", "error"], default=d.log_level)
+    add("--log-level", choices=list(LOG_LEVELS), default=d.log_level)
     return parser
 
 

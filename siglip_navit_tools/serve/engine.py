@@ -141,7 +141,8 @@ class Engine:
     def forward(self, items: list[Waiting]) -> list[torch.Tensor]:
         """One packed forward over the items' images -> each item's result, on the CPU."""
         pack = self.processor.concatenate_packs([item.payload.pack for item in items])
-        inputs = {k: (v.to(self.device, non_blocking=True) if isinstance(v, torch.Tensor) else v) for k, v in pack.items()}
+        device = self.device
+        inputs = {k: (v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v) for k, v in pack.items()}
         with torch.inference_mode():
             hidden = self.model(**inputs).last_hidden_state
         grids = self.processor.unpack(hidden, pack["image_grid_hw"])

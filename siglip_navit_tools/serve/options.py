@@ -16,6 +16,7 @@ from .. import repo_code
 from ..extract.options import ATTN_IMPLEMENTATIONS, DTYPE_CHOICES, UsageError
 
 BATCHING_MODES = ("continuous", "none")  # none: each request alone in its forwards (the baseline)
+LOG_LEVELS = ("debug", "info", "warning", "error")
 API_KEY_ENV = "SIGLIP_NAVIT_API_KEY"  # set: every endpoint but /health needs `Authorization: Bearer <key>`
 _LIMITS = repo_code.handler().DEFAULT_LIMITS  # the request limits' one owner (shared with the Endpoints handler)
 
@@ -100,11 +101,14 @@ class ServeOptions:
             raise UsageError(f"--port must be in 0..65535, got {self.port}")
         if self.workers is not None and self.workers <= 0:
             raise UsageError(f"--workers must be a positive number of threads, got {self.workers}")
-        choices = (("batching", BATCHING_MODES), ("dtype", DTYPE_CHOICES), ("attn_implementation", ATTN_IMPLEMENTATIONS),
-                   ("log_level", ("debug", "info", "warning", "error")))  # fmt: skip
+        choices = (
+            ("batching", BATCHING_MODES), ("dtype", DTYPE_CHOICES), ("attn_implementation", ATTN_IMPLEMENTATIONS),
+            ("log_level", LOG_LEVELS),
+        )  # fmt: skip
         for name, allowed in choices:
-            if getattr(self, name) not in allowed:
-                raise UsageError(f"--{name.replace('_', '-')} must be one of {list(allowed)}, got {getattr(self, name)!r}")
+            value = getattr(self, name)
+            if value not in allowed:
+                raise UsageError(f"--{name.replace('_', '-')} must be one of {list(allowed)}, got {value!r}")
         if self.served_model_name is not None and not self.served_model_name.strip():
             raise UsageError("--served-model-name must not be empty")
 

@@ -34,7 +34,8 @@ def offline(monkeypatch):
 @pytest.fixture(scope="module")
 def repo(tmp_path_factory) -> Path:
     """A saved repo (remote code + handler.py + weights + processor): 24 px images, 4 px patches, 6 x 6 grids."""
-    return testing.saved_repo(testing.unique_dir(tmp_path_factory.mktemp("limits"), "handler_limits"), testing.tiny_config())
+    folder = testing.unique_dir(tmp_path_factory.mktemp("limits"), "handler_limits")
+    return testing.saved_repo(folder, testing.tiny_config())
 
 
 def load_module(repo: Path):
@@ -116,7 +117,8 @@ def test_bomb_under_pils_guard_is_refused_from_its_header(handler, bomb):
     ok = b64(png(small_images(1)[0]))
     seconds, growth, err = peak_rss_growth(lambda: handler({"inputs": [ok, bomb, bomb, bomb]}))
     assert isinstance(err, ValueError), repr(err)
-    assert re.match(r"inputs\[1\]: the image is 12000x12000 = 144,000,000 pixels, more than max_image_pixels=", str(err))
+    message = r"inputs\[1\]: the image is 12000x12000 = 144,000,000 pixels, more than max_image_pixels="
+    assert re.match(message, str(err)), str(err)
     # decoding it takes seconds and 432 MB (testing.png_bomb's check); the header alone: milliseconds, nothing big
     assert seconds < 0.5, seconds
     assert growth < 64, f"peak RSS grew {growth:.0f} MB"
@@ -171,9 +173,9 @@ def test_batch_size_cannot_make_a_huge_forward(module, handler, monkeypatch):
 def test_request_bytes_are_refused_before_decoding(module, handler, monkeypatch):
     monkeypatch.setattr(handler, "limits", module.RequestLimits(max_request_bytes=1000))
     big = b64(png(PIL.Image.fromarray(np.random.default_rng(1).integers(0, 256, (40, 40, 3), dtype=np.uint8))))
-    with pytest.raises(ValueError, match=r"^'inputs' holds [\d,]+ bytes of image data, more than max_request_bytes=1,000"):
+    with pytest.raises(ValueError, match=r"^'inputs' holds [\d,]+ bytes of image data, more than max_request_bytes="):
         handler({"inputs": [big[:600], big[:600]]})
-    with pytest.raises(ValueError, match=r"^inputs: about [\d,]+ bytes of image data, more than max_request_bytes=1,000"):
+    with pytest.raises(ValueError, match=r"^inputs: about [\d,]+ bytes of image data, more than max_request_bytes="):
         handler({"inputs": big})
 
 
@@ -193,7 +195,11 @@ def test_images_are_decoded_one_at_a_time(module, handler, monkeypatch):
     image ahead to close a group), never all of them before the first forward."""
     events: list[str] = []
     decode = module.decode_pixels
-    monkeypatch.setattr(module, "decode_pixels", lambda image, where: (events.append("decode"), decode(image, where))[1])
+    def spy(image, where):
+        events.append("decode")
+        return decode(image, where)
+
+    monkeypatch.setattr(module, "decode_pixels", spy)
     hook = handler.pipeline.model.register_forward_hook(lambda *args: events.append("forward"))
     try:
         out = handler({"inputs": [b64(png(image)) for image in small_images(5)]})
@@ -216,7 +222,7 @@ def test_a_truncated_image_after_good_ones_is_named(handler):
         ({1: "x", "inputs": "QUJD"}, r"^payload keys must be strings, got 1 \(int\)$"),
         ({None: 1}, r"^payload keys must be strings, got None \(NoneType\)$"),
         ({"inputs": "QUJD", "parameters": {("pool",): True}}, r"^'parameters' keys must be strings, got \('pool',\)"),
-        ({"inputs": "QUJD", "parameters": {2: True, "pool": True}}, r"^'parameters' keys must be strings, got 2 \(int\)"),
+        ({"inputs": "QUJD", "parameters": {2: True}}, r"^'parameters' keys must be strings, got 2 \(int\)"),
     ],
 )
 def test_non_string_payload_keys(handler, payload, message):
@@ -228,7 +234,7 @@ def test_formats_outside_the_list_are_refused_unread(module, handler):
     image = small_images(1)[0]
     eps = b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 10 10\nshowpage\n"  # PIL's EPS plugin would run Ghostscript
     for data in (eps, png(image, "ICO"), png(image, "TGA")):
-        with pytest.raises(ValueError, match=r"^inputs: not an image \(PIL cannot identify \d+ bytes of data as one of PNG"):
+        with pytest.raises(ValueError, match=r"^inputs: not an image \(PIL cannot identify \d+ bytes of data as"):
             handler({"inputs": b64(data)})
     for fmt in ("PNG", "JPEG", "WEBP", "GIF", "BMP", "TIFF"):
         decoded = PIL.Image.open(io.BytesIO(png(image, fmt)))
@@ -237,7 +243,8 @@ def test_formats_outside_the_list_are_refused_unread(module, handler):
 
 # ---- configuration ---------------------------------------------------------------------------------------------
 def test_limits_from_the_environment(repo, module, monkeypatch):
-    limits = module.RequestLimits.from_env({"SIGLIP_NAVIT_MAX_IMAGES_PER_REQUEST": "8", "SIGLIP_NAVIT_MAX_IMAGE_PIXELS": "1_000_000"})
+    environ = {"SIGLIP_NAVIT_MAX_IMAGES_PER_REQUEST": "8", "SIGLIP_NAVIT_MAX_IMAGE_PIXELS": "1_000_000"}
+    limits = module.RequestLimits.from_env(environ)
     assert (limits.max_images_per_request, limits.max_image_pixels) == (8, 1_000_000)
     assert limits.max_patches_per_batch == module.RequestLimits().max_patches_per_batch
     with pytest.raises(ValueError, match=r"^SIGLIP_NAVIT_MAX_REQUEST_BYTES must be a positive integer, got 'lots'$"):

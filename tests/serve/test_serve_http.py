@@ -288,7 +288,8 @@ def test_bad_bodies_and_routes(client):
     assert_error(client.post("/v1/embeddings", content=b"{not json"), 400, r"not valid JSON", code="invalid_json")
     assert_error(client.post("/v1/embeddings", content=b"\xff\xfe"), 400, r"not valid JSON")
     deep = b"[" * 100_000 + b"]" * 100_000  # deeper than the JSON parser recurses
-    assert_error(client.post("/v1/embeddings", content=deep), 400, r"not valid JSON \(RecursionError", code="invalid_json")
+    assert_error(client.post("/v1/embeddings", content=deep), 400, r"not valid JSON \(RecursionError",
+                 code="invalid_json")  # fmt: skip
     huge = b"x" * (32 * 1024 * 1024 + 1)
     assert_error(client.post("/v1/embeddings", content=huge), 413, r"more than --max-request-bytes",
                  code="request_too_large")  # fmt: skip

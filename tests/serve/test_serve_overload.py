@@ -96,7 +96,8 @@ def settle(url: str, timeout: float = 60.0) -> dict[str, float]:
 
 
 def test_overload_gets_503_with_retry_after_and_every_200_is_exact(server, name, reference):
-    requests = [[smooth_png(224 + 3 * r, 224 + 2 * i, 10 * r + i) for i in range(5)] for r in range(16)]  # 1,280 patches
+    # 16 requests of 5 small images (1,280 patches): the queue holds three
+    requests = [[smooth_png(224 + 3 * r, 224 + 2 * i, 10 * r + i) for i in range(5)] for r in range(16)]
 
     def call(images: list[bytes]) -> httpx.Response:
         with httpx.Client(base_url=server.url, timeout=60) as client:

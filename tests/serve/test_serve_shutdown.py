@@ -57,8 +57,8 @@ def test_sigterm_under_load_drains_accepted_requests_and_exits_0(repo):
         name = repo.name
 
         def call(data: bytes) -> httpx.Response:
-            return httpx.post(server.url + "/v1/embeddings", json={"model": name, "input": [base64.b64encode(data).decode()]},
-                              timeout=120)  # fmt: skip
+            body = {"model": name, "input": [base64.b64encode(data).decode()]}
+            return httpx.post(server.url + "/v1/embeddings", json=body, timeout=120)
 
         # the baseline under concurrency: three concurrent one-image requests, three forwards
         before = metrics(server.url)
