@@ -275,7 +275,11 @@ class Server:
         record.ticket = ticket
         for index, (image, where, grid) in enumerate(zip(images.images, images.where, images.grids)):
             self.pool.submit(self.prepare, ticket, index, image, where, grid, output)
-        await self.wait(request, record, ticket, done)
+        try:
+            await self.wait(request, record, ticket, done)
+        except asyncio.CancelledError:  # uvicorn gave up on it (--drain-timeout): its queued images leave the queue
+            self.batcher.cancel(ticket)
+            raise
         if ticket.error is not None:
             raise _error_response(ticket.error, record)
         return images, ticket.results

@@ -92,8 +92,8 @@ def mixed_images(n: int, seed: int = 0) -> list[bytes]:
     rng = np.random.default_rng(seed)
     out = []
     for i in range(n):
-        if (seed + i) % 5 == 4:
-            w, h = int(rng.integers(560, 800)), int(rng.integers(420, 600))
+        if (seed + i) % 8 == 7:
+            w, h = int(rng.integers(560, 760)), int(rng.integers(420, 560))
         else:
             w, h = int(rng.integers(224, 449)), int(rng.integers(224, 449))
         image = photo(w, h, seed * 1000 + i)
