@@ -31,6 +31,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 
 from . import protocol
 from .batcher import DROPPED, PREPARING, Batcher, Closed, QueueFull, Ticket, TooLarge, Waiting
@@ -236,6 +237,9 @@ class Server:
             body = await asyncio.wait_for(read(), max(0.0, record.deadline - asyncio.get_running_loop().time()))
         except asyncio.TimeoutError:
             raise self._timeout() from None
+        except ClientDisconnect:  # the client left while sending its body
+            record.notes.append("client_gone while sending")
+            raise ClientGone() from None
         return await self.run(protocol.parse_json, body)
 
     def _timeout(self) -> ApiError:
