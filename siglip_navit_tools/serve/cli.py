@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import signal
 from typing import Optional, Sequence
 
 from .. import cli
@@ -71,11 +72,21 @@ def options_from_args(args: argparse.Namespace) -> ServeOptions:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    """Run the command; returns the exit status (0 after a graceful SIGTERM / Ctrl-C drain)."""
+    """Run the command; returns the exit status (0 after a graceful SIGTERM / Ctrl-C drain). Called with no `argv`
+    (a real command line: this process is the server's own), a repeated SIGTERM / Ctrl-C after the drain is ignored:
+    the process is only tearing down, and must still exit 0."""
     options = options_from_args(build_parser().parse_args(argv))
     cli.setup_logging("%(asctime)s %(levelname)s %(message)s", level=options.log_level.upper())
+
+    def body() -> int:
+        status = serve(options)
+        if argv is None:
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                signal.signal(sig, signal.SIG_IGN)
+        return status
+
     return cli.run_main(
-        lambda: serve(options),
+        body,
         error_prefix=f"{PROG}: error: ",
         interrupted=f"{PROG}: interrupted while starting",
         unexpected="Rerun with --log-level debug for the traceback.",
