@@ -65,12 +65,16 @@ def group_in_order(
 def open_image(source: "str | os.PathLike", timeout: Optional[float] = None) -> PIL.Image.Image:
     """A local file as PIL opens it (the processor then applies BAGEL's RGB rule, exactly as for
     `PIL.Image.open(path)`); anything else (a URL) through transformers' `load_image`, which also converts to RGB
-    (alpha dropped, not composited over white) and applies the EXIF orientation."""
-    if os.path.isfile(source):
-        image = PIL.Image.open(source)
-        image.load()
-        return image
-    return load_image(str(source), timeout=timeout)
+    (alpha dropped, not composited over white) and applies the EXIF orientation. An image above PIL's decompression
+    bomb guard is a ValueError (the caller names the image), never a bare `DecompressionBombError`."""
+    try:
+        if os.path.isfile(source):
+            image = PIL.Image.open(source)
+            image.load()
+            return image
+        return load_image(str(source), timeout=timeout)
+    except PIL.Image.DecompressionBombError as err:
+        raise ValueError(f"the image is too large to decode safely ({err})") from err
 
 
 def _positive_int_or_none(name: str, value: Any) -> Optional[int]:

@@ -62,6 +62,9 @@ class Geometry:
     extract_budget: int  # --max-patches-per-batch of the end-to-end runs (and their forward-only peer)
     repeats: int  # timed runs per measurement (median)
     compile_timeout: float  # seconds the CUDA-graph / torch.compile probe may take
+    serve_concurrency: tuple  # concurrent clients of the serving comparison
+    serve_requests: int  # one-image requests per serving measurement
+    serve_budget: int  # --max-patches-per-batch of the servers
     smoke: bool  # the CPU dry run: tiny shapes, skip what needs CUDA
 
     @property
@@ -79,7 +82,8 @@ class Geometry:
             hidden=1152, mlp=4304, heads=16, layers=layers, patch=14, image_size=980,
             mixed_grids=((70, 70), (32, 32), (48, 48), (24, 24)), small_count=64, small_px=(224, 448),
             budgets=(4096, 16384, 65536), photos=256, photo_px=(320, 1600), workers=(0, 2, 4, 8),
-            extract_budget=16384, repeats=repeats, compile_timeout=150.0, smoke=False,
+            extract_budget=16384, repeats=repeats, compile_timeout=150.0, serve_concurrency=(1, 8, 64),
+            serve_requests=256, serve_budget=16384, smoke=False,
         )  # fmt: skip
 
     @classmethod
@@ -89,7 +93,8 @@ class Geometry:
             hidden=64, mlp=128, heads=4, layers=2, patch=14, image_size=224,
             mixed_grids=((16, 16), (8, 8), (12, 12), (6, 6)), small_count=8, small_px=(56, 112),
             budgets=(200, 512, 2048), photos=8, photo_px=(64, 300), workers=(1,),
-            extract_budget=512, repeats=2, compile_timeout=120.0, smoke=True,
+            extract_budget=512, repeats=2, compile_timeout=120.0, serve_concurrency=(1, 4), serve_requests=8,
+            serve_budget=512, smoke=True,
         )  # fmt: skip
 
 

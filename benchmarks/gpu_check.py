@@ -17,6 +17,8 @@ model is BAGEL-7B-MoT's tower (so400m/14, 980 px, 26 layers) with random weights
   4. forward time per patch at token budgets 4k / 16k / 64k, and extract_features.py images/s end to end on
      generated JPEG photos with 0 / 2 / 4 / 8 DataLoader workers vs the forward-only rate
   5. peak GPU memory per patch of the packed bf16 forward, and how many patches fit
+  6. serve.py: continuous packing vs --batching none (bench_serve.py's load generator), bf16, concurrency 1 / 8 / 64:
+     images/s, p50 / p99 latency, packing efficiency (needs fastapi, uvicorn and prometheus-client installed)
 
 Exit code: 0 when every check passes, 1 when a check fails or a section crashes (the rest still runs), 2 without
 CUDA (unless --cpu-smoke). Takes about 4 minutes on one H100/H200. Owns only the order of the sections and the
@@ -37,6 +39,7 @@ from _gpu_budget import memory
 from _gpu_extract import token_budget
 from _gpu_graphs import graphs, run_probe
 from _gpu_peers import peers
+from _gpu_serve import serving
 from _gpu_setup import PEAK_TFLOPS, Env, Geometry, repo_code, run_section
 
 GPU_IMAGE_LACKS = ("datasets", "nbclient", "flash_attn")
@@ -46,6 +49,7 @@ SECTIONS = (
     ("### 3. Sync-free forward and CUDA graphs", graphs),
     ("### 4. Token budget and end-to-end extraction", token_budget),
     ("### 5. Peak GPU memory per patch", memory),
+    ("### 6. Serving: continuous packing vs one request per forward", serving),
 )
 
 

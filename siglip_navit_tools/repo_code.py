@@ -71,6 +71,12 @@ def pipeline() -> ModuleType:
     return module(Path(PIPELINE_FILE).stem)
 
 
+def handler() -> ModuleType:
+    """`handler.py`: the request format and its limits (the server decodes requests with it). It has no relative
+    imports, so it loads as a member of the package too."""
+    return module(Path(HANDLER_FILE).stem)
+
+
 def custom_pipelines() -> dict:
     """config.json's `custom_pipelines` entry that makes `pipeline(model=repo, trust_remote_code=True)` use ours."""
     return copy.deepcopy(pipeline().CUSTOM_PIPELINES)

@@ -252,3 +252,44 @@ def read_only_prefix(folder: Path) -> tuple[Optional[list[str]], str]:
         reason = result.stderr.strip().splitlines()[-1] if result.stderr.strip() else f"exit {result.returncode}"
         return None, f"as root, a read-only location needs `unshare --mount` + `mount`, which failed here: {reason}"
     return prefix, "a read-only bind mount in a private mount namespace"
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Hostile images (request-limit tests)
+# ----------------------------------------------------------------------------------------------------------------
+def _zlib_repeated(block: bytes, times: int, tail: bytes = b"") -> bytes:
+    """A zlib stream of `block * times + tail` that compresses `block` only once: after a full flush nothing refers
+    back, so one compressed copy can be repeated (a 144-megapixel bomb in ~0.1 s instead of seconds of deflate)."""
+    import struct
+    import zlib
+
+    compressor = zlib.compressobj(9)
+    first = compressor.compress(block) + compressor.flush(zlib.Z_FULL_FLUSH)  # the zlib header + one copy
+    again = compressor.compress(block) + compressor.flush(zlib.Z_FULL_FLUSH)  # one copy on its own
+    parts = [first] + [again] * (times - 1)
+    if tail:
+        parts.append(compressor.compress(tail) + compressor.flush(zlib.Z_FULL_FLUSH))
+    final_block = compressor.flush()[:-4]  # its checksum covers what the compressor saw: replaced below
+    checksum = 1
+    for _ in range(times):
+        checksum = zlib.adler32(block, checksum)
+    checksum = zlib.adler32(tail, checksum)
+    return b"".join(parts) + final_block + struct.pack(">I", checksum)
+
+
+def png_bomb(width: int, height: int, rows: Optional[int] = None) -> bytes:
+    """A valid `width x height` 8-bit RGB PNG of black pixels: a few hundred KB that decode to width*height*3 bytes
+    (the image never exists decoded here). `rows` < height writes only that many rows: a valid header over truncated
+    data, enough for whatever reads only the header."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+
+    rows = height if rows is None else rows
+    row = b"\x00" * (1 + 3 * width)  # filter byte 0, then the row's pixels
+    per_block = max(1, min(rows, (4 << 20) // len(row)))
+    idat = _zlib_repeated(row * per_block, rows // per_block, row * (rows % per_block))
+    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", idat) + chunk(b"IEND", b"")

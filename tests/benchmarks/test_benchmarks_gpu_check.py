@@ -20,6 +20,7 @@ HEADINGS = (
     "### 3. Sync-free forward and CUDA graphs",
     "### 4. Token budget and end-to-end extraction",
     "### 5. Peak GPU memory per patch",
+    "### 6. Serving",
 )
 
 
@@ -44,7 +45,8 @@ def test_cpu_smoke_runs_every_section():
     # every table the dry run can fill is there: the accuracy rows, the peers, the probe, the sweep, the extraction
     for row in ("vs fp32 eager", "packed vs per-image", "transformers SiglipVisionModel (sdpa)",
                 "ours, image by image", "ours, one image per forward", "validate_inputs=False",
-                'torch.compile(backend="eager") (CPU dry run) | yes', "| --num-workers |"):  # fmt: skip
+                'torch.compile(backend="eager") (CPU dry run) | yes', "| --num-workers |", "| small | 1 | continuous |",
+                "| mixed | 4 | none |", "(CPU dry run: timings are not judged", "Every request succeeded."):  # fmt: skip
         assert row in done.stdout, f"missing {row!r}\n{report}"
     # the GPU image has no datasets / nbclient / flash-attn: the script itself must not import them
     assert "modules the GPU image lacks, imported: none" in done.stdout, report
