@@ -1,9 +1,10 @@
 # Copyright 2026 The siglip-navit authors. Licensed under the Apache License, Version 2.0.
 """The main() skeleton both commands share: run one library call, map known errors to exit codes.
 
-Owns: the user-facing error type (`ToolError`, one paragraph, its own exit code), Ctrl-C / SIGTERM handling (both
-unwind as KeyboardInterrupt so no temporary file is left behind; exit 130) and the log format. It must not parse
-arguments or know anything about a particular tool: the entry points pass their messages in.
+Owns: mapping the user-facing errors (`ToolError`, defined low in `errors.py`: one paragraph, its own exit code) to
+exit codes, Ctrl-C / SIGTERM handling (both unwind as KeyboardInterrupt so no temporary file is left behind; exit
+130), the name the command was called by, and the log format. It must not parse arguments or know anything about a
+particular tool: the entry points pass their messages in. Nothing below the entry points imports it.
 """
 
 from __future__ import annotations
@@ -14,11 +15,7 @@ import sys
 import threading
 from typing import Callable, Optional
 
-
-class ToolError(Exception):
-    """A failure with a message meant for the user, printed as one paragraph; the process exits with `exit_code`."""
-
-    exit_code = 1
+from .errors import ToolError  # re-exported: the skeleton's contract with the entry points
 
 
 def _sigterm_as_interrupt(signum, frame):

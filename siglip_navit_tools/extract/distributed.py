@@ -15,7 +15,7 @@ from typing import Any, Callable, Optional
 import torch
 import torch.distributed as dist
 
-from ..cli import ToolError
+from ..errors import ToolError
 
 
 def local_rank() -> int:

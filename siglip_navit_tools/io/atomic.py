@@ -19,7 +19,7 @@ import uuid
 from pathlib import Path
 from typing import Iterator, Optional
 
-from ..cli import ToolError
+from ..errors import ToolError
 
 TMP_MARK = ".tmp-"  # temporaries are `.NAME.tmp-<tag>`: hidden, and recognisable as leftovers
 OLD_MARK = ".old-"  # a directory being replaced is parked as `.NAME.old-<tag>` between the two renames

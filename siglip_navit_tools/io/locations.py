@@ -13,7 +13,7 @@ import os
 import posixpath
 from typing import Any
 
-from ..cli import ToolError
+from ..errors import ToolError
 
 
 class LocationError(ToolError):
