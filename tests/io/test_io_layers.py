@@ -27,7 +27,8 @@ def package_imports(path: Path) -> set[str]:
             found.update(f"{module}.{n}".lstrip(".") for n in names)
             found.add(module)
         elif isinstance(node, ast.Import):
-            found.update(a.name[len("siglip_navit_tools.") :] for a in node.names if a.name.startswith("siglip_navit_tools."))
+            prefix = "siglip_navit_tools."
+            found.update(a.name[len(prefix) :] for a in node.names if a.name.startswith(prefix))
     return {name for name in found if name}
 
 
