@@ -118,7 +118,7 @@ def build_hub_dir(parent: Path, config, model, extra_tensors: Optional[dict] = N
     """What a user downloads, made directly from a model: remote-code files + config.json + model.safetensors."""
     target = copy_remote_code(unique_dir(parent, "hubdir"))
     data = config.to_dict()
-    data["auto_map"] = dict(repo_code.CONFIG_AUTO_MAP)
+    data["auto_map"] = repo_code.config_auto_map()
     data["custom_pipelines"] = repo_code.custom_pipelines()
     data.pop("_attn_implementation_autoset", None)
     (target / "config.json").write_text(json.dumps(data, indent=2))

@@ -16,7 +16,9 @@ from typing import TYPE_CHECKING, Optional, Union
 
 from huggingface_hub import ModelCard, ModelCardData
 
-from ..repo_code import CONFIG_AUTO_MAP, PROCESSOR_AUTO_MAP, REPO_ROOT, custom_pipelines, image_processing
+from ..repo_code import (
+    REPO_ROOT, architectures, config_auto_map, custom_pipelines, image_processing, processor_auto_map,
+)  # fmt: skip
 from .options import DEFAULT_LICENSE, ConversionError, ConvertOptions
 
 if TYPE_CHECKING:  # the plan imports the sources, which read cards through this module
@@ -42,8 +44,7 @@ def _config_dict(plan: "Plan", head: dict, tail: dict) -> dict:
 
 def navit_config_dict(plan: "Plan") -> dict:
     """config.json of this repo's layout, trimmed to what every transformers major reads silently."""
-    head = {"architectures": ["SiglipVisionModel"], "auto_map": dict(CONFIG_AUTO_MAP),
-            "model_type": plan.config.model_type}  # fmt: skip
+    head = {"architectures": architectures(), "auto_map": config_auto_map(), "model_type": plan.config.model_type}
     return _config_dict(plan, head, {"rope": bool(plan.config.rope), "custom_pipelines": custom_pipelines()})
 
 
@@ -56,7 +57,7 @@ def navit_preprocessor_dict(config) -> dict:
     path = REPO_ROOT / "preprocessor_config.json"
     template = json.loads(path.read_text()) if path.is_file() else None
     settings = image_processing().SiglipNaViTImageProcessor.settings_for_model(config, template)
-    return {"auto_map": dict(PROCESSOR_AUTO_MAP), **settings}
+    return {"auto_map": processor_auto_map(), **settings}
 
 
 def stock_preprocessor_dict(config) -> dict:
