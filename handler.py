@@ -6,7 +6,8 @@ call `EndpointHandler(path)` once, then `handler(data)` per request. It owns onl
 payload's images (base64 strings, data: URLs, raw bytes, PIL images) and checking its parameters. The model, the
 processor and the pipeline come from the repo folder itself, through `transformers.pipeline(model=path,
 trust_remote_code=True)` (the task comes from config.json's `custom_pipelines`). It never reads paths or fetches
-URLs named in a request.
+URLs named in a request. The dtype it loads in is the repo's one rule (`pipeline_siglip_navit.default_dtype`: bf16 on
+GPUs and CPUs where bf16 is fast, fp32 elsewhere), read from the repo's own code.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from typing import Any, Optional, Union
 import PIL.Image
 import torch
 import transformers
+from transformers.dynamic_module_utils import get_class_from_dynamic_module
 
 # Request parameter -> the pipeline's keyword argument.
 PARAMETERS = {
@@ -32,14 +34,10 @@ PARAMETERS = {
 PAYLOAD_KEYS = ("inputs", "parameters")
 
 
-def _default_dtype() -> torch.dtype:
-    """bf16 on a GPU (BAGEL's weights are bf16), fp32 on a CPU (bf16 is slower there on CPUs without native bf16)."""
-    return torch.bfloat16 if torch.cuda.is_available() else torch.float32
-
-
-def _dtype_kwarg() -> str:
-    """transformers 5.x names it `dtype=`, 4.x `torch_dtype=` (5.x warns on the old name)."""
-    return "dtype" if int(transformers.__version__.split(".")[0]) >= 5 else "torch_dtype"
+def repo_function(folder: str, name: str) -> Any:
+    """A function of the repo's own `pipeline_siglip_navit.py` (e.g. `default_dtype`, the one dtype rule), loaded from
+    `folder` the way transformers loads the pipeline itself (this file has no package to import it from)."""
+    return get_class_from_dynamic_module(f"pipeline_siglip_navit.{name}", folder)
 
 
 def _decode_base64(text: str, where: str) -> bytes:
@@ -128,7 +126,9 @@ class EndpointHandler:
 
     def __init__(self, path: str = "", dtype: Optional[torch.dtype] = None, device: Optional[Any] = None):
         folder = os.path.abspath(path or ".")
-        kwargs: dict[str, Any] = {_dtype_kwarg(): dtype if dtype is not None else _default_dtype()}
+        if dtype is None:
+            dtype = repo_function(folder, "default_dtype")(device)
+        kwargs: dict[str, Any] = {repo_function(folder, "dtype_kwarg")(): dtype}
         if device is not None:
             kwargs["device"] = device
         self.pipeline = transformers.pipeline(model=folder, trust_remote_code=True, **kwargs)

@@ -1,7 +1,13 @@
 # Copyright 2026 The siglip-navit authors. Licensed under the Apache License, Version 2.0.
-"""The transformers-version differences the tools bridge (we support 4.49 and 5.x). Nothing else lives here."""
+"""The transformers-version differences the tools bridge (we support 4.49 and 5.x). Nothing else lives here.
+
+from_pretrained's dtype argument name is the repo's remote code's (`pipeline_siglip_navit.dtype_kwarg`, which
+`handler.py` uses too): this module delegates to it.
+"""
 
 from __future__ import annotations
+
+from . import repo_code
 
 
 def transformers_major() -> int:
@@ -12,4 +18,4 @@ def transformers_major() -> int:
 
 def dtype_kwarg() -> str:
     """from_pretrained's dtype argument: `dtype=` on transformers 5.x, `torch_dtype=` on 4.x (5.x warns on it)."""
-    return "dtype" if transformers_major() >= 5 else "torch_dtype"
+    return repo_code.pipeline().dtype_kwarg()

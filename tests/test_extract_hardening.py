@@ -20,7 +20,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from test_extract_features import extract, good_paths, image_dir, model_dir, read_outputs, reference, synthetic
 
-from siglip_navit_tools import cpu
+from siglip_navit_tools import cpu, repo_code
 from siglip_navit_tools.extract import ExtractOptions, UsageError
 from siglip_navit_tools.extract import cli as extract_cli
 from siglip_navit_tools.extract.pipeline import resolve_dtype
@@ -309,7 +309,7 @@ def test_dtype_auto_picks_by_cpu_kind_says_so_and_fingerprints_the_choice(
     model_dir, image_dir, tmp_path, monkeypatch, capsys, caplog, support, expected
 ):
     caplog.set_level(logging.INFO)
-    monkeypatch.setattr(cpu, "bf16_support", lambda: support)
+    monkeypatch.setattr(repo_code.pipeline(), "cpu_bf16_support", lambda: support)  # the repo's one dtype rule
     out = tmp_path / "out"
     assert extract(model_dir, image_dir, out, "--dtype", "auto", "--device", "cpu") == 0
     manifest, found = read_outputs(out)
