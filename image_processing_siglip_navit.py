@@ -8,7 +8,8 @@ This file is the ONE place that owns the image <-> pack geometry:
 - `patchify_hwc` / `unpatchify_hwc` (and `patchify` / `unpatchify` for `(C, H, W)`): the patch layout, both ways,
   patches row-major, channel fastest; `pack_to_uint8_images` recovers the resized images from a pack.
 - `position_ids_extrapolate` / `position_ids_interpolate`: BAGEL's two position-id schemes.
-- `build_cu_seqlens`, `unpack_features`: the pack's boundaries, and splitting packed features per image.
+- `build_cu_seqlens`, `unpack_features`, `mean_pool_features`: the pack's boundaries, splitting packed features per
+  image, and each image's float32 mean feature (what the pipeline's `pool=True` and the extractor's `pooled` are).
 
 `SiglipNaViTImageProcessor.__call__` returns exactly the model's forward arguments:
 `packed_pixel_values`, `packed_flattened_position_ids`, `cu_seqlens`, `max_seqlen`, `image_grid_hw`.
@@ -483,6 +484,12 @@ def unpack_features(features: torch.Tensor, grid_hw: Sequence[tuple[int, int]]) 
     ]
 
 
+def mean_pool_features(features: torch.Tensor, grid_hw: Sequence[tuple[int, int]]) -> torch.Tensor:
+    """The mean of each image's patch features in packed `(N, C)` features, computed and returned in float32 whatever
+    the model's dtype: `(k, C)`, one row per image (one reduction per image: deterministic, no atomics)."""
+    return torch.stack([fmap.flatten(0, 1).float().mean(0) for fmap in unpack_features(features, grid_hw)])
+
+
 # --------------------------------------------------------------------------------------------------------------
 # The processor's settings: ONE table
 # --------------------------------------------------------------------------------------------------------------
@@ -663,7 +670,8 @@ class SiglipNaViTImageProcessor(BaseImageProcessor):
     - `max_seqlen`: the longest image's patch count (0-d int64 tensor with `return_tensors="pt"`, else an int);
     - `image_grid_hw`: int64 `(k, 2)`, each image's patch rows and columns.
 
-    `unpack(features, inputs)` splits the model's packed output back into one `(h, w, C)` map per image.
+    `unpack(features, inputs)` splits the model's packed output back into one `(h, w, C)` map per image;
+    `mean_pool(features, inputs)` gives each image's mean feature, float32 `(k, C)`.
 
     Every setting can also be overridden for one call: `processor(images, max_pixels=..., return_tensors="pt")`.
     The settings (one line each, from `SETTINGS`, the one table they are declared in) follow.
@@ -906,6 +914,12 @@ class SiglipNaViTImageProcessor(BaseImageProcessor):
             return [unpack_features(f, grid) for f in features]
         return unpack_features(features, grid)
 
+    def mean_pool(self, features: torch.Tensor, inputs: Any) -> torch.Tensor:
+        """Each image's mean patch feature, float32 `(k, C)` whatever the model's dtype (BAGEL's tower has no pooling
+        head): what the pipeline's `pool=True` and the extractor's `pooled` tensor are. `features`: a packed `(N, C)`
+        `last_hidden_state`; `inputs`: what this processor returned, or the `(k, 2)` grid itself."""
+        return mean_pool_features(features, _grid_from(inputs))
+
 
 SiglipNaViTImageProcessor.__doc__ = SiglipNaViTImageProcessor.__doc__.rstrip() + "\n\n" + _settings_docs() + "\n"
 SiglipNaViTImageProcessor.register_for_auto_class("AutoImageProcessor")
@@ -930,5 +944,6 @@ __all__ = [
     "build_cu_seqlens",
     "concatenate_packs",
     "unpack_features",
+    "mean_pool_features",
     "with_image_index",
 ]

@@ -190,8 +190,9 @@ class SiglipNaViTFeatureExtractionPipeline(Pipeline):
     model's forward on that image alone.
 
     Pooling: BAGEL's tower has no attention-pooling head (SigLIP's `head` is not part of it), so `pool=True` is a
-    plain mean over the image's patch features (of `last_hidden_state`, after the post-layernorm), computed in
-    float32 and returned in the model's dtype.
+    plain mean over the image's patch features (of `last_hidden_state`, after the post-layernorm), computed AND
+    returned in float32 whatever the model's dtype (the image processor's `mean_pool`: the same numbers as
+    `extract_features.py`'s `pooled`).
 
     Args (per call, or at construction as defaults):
         batch_size (`int`, *optional*): most images per forward.
@@ -214,7 +215,7 @@ class SiglipNaViTFeatureExtractionPipeline(Pipeline):
         _positive_int_or_none("batch_size", self._batch_size)
         if self.image_processor is None:
             self.image_processor = _load_image_processor(self.model)
-        if not all(hasattr(self.image_processor, name) for name in ("concatenate_packs", "unpack")):
+        if not all(hasattr(self.image_processor, name) for name in ("concatenate_packs", "unpack", "mean_pool")):
             raise TypeError(
                 f"SiglipNaViTFeatureExtractionPipeline needs the SiglipNaViTImageProcessor (it packs and unpacks "
                 f"images), got {type(self.image_processor).__name__}"
@@ -336,10 +337,10 @@ class SiglipNaViTFeatureExtractionPipeline(Pipeline):
     def postprocess(
         self, grid_features: torch.Tensor, pool: bool = False, return_grid: bool = False, return_tensors: bool = False
     ) -> Any:
-        """One image's `(h, w, C)` features -> `(1, n, C)`, `(1, C)` (pool) or `(h, w, C)` (return_grid)."""
+        """One image's `(h, w, C)` features -> `(1, n, C)`, `(1, C)` float32 (pool) or `(h, w, C)` (return_grid)."""
         h, w, c = grid_features.shape
-        if pool:
-            out = grid_features.reshape(h * w, c).float().mean(dim=0, keepdim=True).to(grid_features.dtype)
+        if pool:  # the processor's mean: float32, the same numbers as the extractor's `pooled`
+            out = self.image_processor.mean_pool(grid_features.reshape(h * w, c), [(h, w)])
         elif return_grid:
             out = grid_features
         else:

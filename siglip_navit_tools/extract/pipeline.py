@@ -3,7 +3,7 @@
 
 Owns how a shard's images become forwards (sizes from headers -> `plan_batches` -> packs built by DataLoader
 workers with `processor.concatenate_packs`) and how a forward's output becomes per-image results
-(`processor.unpack`, then the mean over patches). Every image <-> pack fact comes from the image processor: this
+(`processor.unpack` and `processor.mean_pool`). Every image <-> pack fact comes from the image processor: this
 module must not compute grids, patch counts or boundaries itself, nor write files.
 """
 
@@ -25,7 +25,7 @@ from .packing import plan_batches
 logger = logging.getLogger(__name__)
 
 # What the extractor asks of an image processor (a --trust-remote-code repo may ship an older one).
-PROCESSOR_METHODS = ("patch_grid", "max_patches_per_image", "concatenate_packs", "unpack")
+PROCESSOR_METHODS = ("patch_grid", "max_patches_per_image", "concatenate_packs", "unpack", "mean_pool")
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -204,8 +204,7 @@ def _forward(model: Any, processor: Any, pack: dict, device: torch.device) -> tu
     hidden = model(**inputs).last_hidden_state
     # the grid from the host copy of the pack: reading the device copy would wait for the forward
     maps = processor.unpack(hidden, pack["image_grid_hw"])
-    pooled = torch.stack([fmap.flatten(0, 1).float().mean(0) for fmap in maps])  # deterministic, unlike atomics
-    return pooled, maps
+    return processor.mean_pool(hidden, pack["image_grid_hw"]), maps
 
 
 def _shard_tensors(results: dict, ids: list[ImageId], hidden_size: int, save_grids: bool) -> dict[str, torch.Tensor]:
