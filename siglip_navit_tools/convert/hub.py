@@ -4,7 +4,8 @@
 Owns what those files say: the config (trimmed to what both transformers majors read silently), the processor
 settings (asked of `SiglipNaViTImageProcessor.settings_for_model`, plus the auto_map), the model card (front matter
 through huggingface_hub's `ModelCardData`, which also reads a source's card), and `push_to_hub`. Must not read or
-write weights, nor write files itself (the writer does).
+write weights, nor write files itself (the writer does), nor state a fact the code or README owns: the auto_map and
+architectures come from the registered classes (`repo_code`), the measured CPU figures from README's marked section.
 """
 
 from __future__ import annotations
@@ -190,9 +191,8 @@ vectors = extractor(["a.jpg", "b.png"], pool=True, batch_size=2)   # [[1][{hidde
 
 `handler.py` serves the same on Inference Endpoints: `{{"inputs": <base64 image | list>, "parameters": {{"pool": true}}}}`.
 
-**CPU dtype.** On CPUs with native bf16 (AMX or AVX512_BF16) load in `torch.bfloat16`: measured 0.24x the fp32
-time on an Intel Xeon with AMX, 0.55x on an AMD EPYC with AVX512_BF16. On AVX2-only CPUs bf16 is emulated and
-4-6x slower (5.6x measured for the whole tower): load in `torch.float32`. `torch.cpu._is_avx512_bf16_supported()` tells which case you are in.
+**CPU dtype.** {cpu_dtype}
+`torch.cpu._is_avx512_bf16_supported()` and `torch.cpu._is_amx_tile_supported()` tell which case you are in.
 
 Export back to a plain transformers checkpoint (no remote code): `python convert_checkpoint.py --src {repo_path}
 --out siglip-stock --to stock-siglip`."""
@@ -207,6 +207,25 @@ processor = SiglipImageProcessor.from_pretrained("{repo}")
 
 A plain transformers `SiglipVisionModel` (no pooling head: `vision_use_head: false`); its `last_hidden_state` on a
 {image}x{image} image equals the packed SigLIP-NaViT tower's output for that image."""
+
+
+# README's section with the measured CPU dtype figures: the ONE place they are written; every card quotes it.
+CPU_DTYPE_SECTION = ("<!-- cpu-dtype: the converter copies this into every model card -->", "<!-- /cpu-dtype -->")
+
+
+def cpu_dtype_note(readme: Optional[os.PathLike] = None) -> str:
+    """The measured CPU dtype figures for the card: README's marked section (`CPU_DTYPE_SECTION`)."""
+    path = readme if readme is not None else REPO_ROOT / "README.md"
+    start, end = CPU_DTYPE_SECTION
+    text = open(path, encoding="utf-8").read() if os.path.isfile(path) else ""
+    first = text.find(start)
+    last = text.find(end, first + 1) if first >= 0 else -1
+    if last < 0:
+        raise ConversionError(
+            f"{path} lacks the section between {start!r} and {end!r} (the measured CPU dtype figures every model card "
+            "quotes): run the converter from a complete checkout of the SigLIP-NaViT repo."
+        )
+    return text[first + len(start) : last].strip()
 
 
 def _steps(plan: "Plan", options: ConvertOptions) -> list[str]:
@@ -263,7 +282,7 @@ def _title_summary_usage(plan: "Plan", options: ConvertOptions, origin: str) -> 
         "images of different sizes go through one forward call without padding. Load it with `trust_remote_code=True`."
     )
     repo_path = f"hf://{repo}" if options.push_to_hub else repo
-    usage = NAVIT_USAGE.format(repo=repo, hidden=c.hidden_size, repo_path=repo_path)
+    usage = NAVIT_USAGE.format(repo=repo, hidden=c.hidden_size, repo_path=repo_path, cpu_dtype=cpu_dtype_note())
     return "SigLIP-NaViT vision tower", summary, usage
 
 
