@@ -1,5 +1,6 @@
 # Copyright 2026 The siglip-navit authors. Licensed under the Apache License, Version 2.0.
-"""The transformers-version differences the tools bridge (we support 4.49 and 5.x). Nothing else lives here.
+"""The torch / transformers facts both tools share: the transformers-version differences they bridge (we support 4.49
+and 5.x) and the dtype names their `--dtype` flags accept. Nothing else lives here.
 
 from_pretrained's dtype argument name is the repo's remote code's (`pipeline_siglip_navit.dtype_kwarg`, which
 `handler.py` uses too): this module delegates to it.
@@ -7,7 +8,12 @@ from_pretrained's dtype argument name is the repo's remote code's (`pipeline_sig
 
 from __future__ import annotations
 
+import torch
+
 from . import repo_code
+
+# The floating dtypes the commands' `--dtype` name (the converter adds "keep", the extractor "auto").
+DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
 
 def transformers_major() -> int:

@@ -15,15 +15,13 @@ import shlex
 from dataclasses import dataclass
 from typing import Optional
 
-import torch
-
+from ..compat import DTYPES
 from ..errors import ConversionError
 
 PROG = "convert_checkpoint.py"
 TARGETS = ("siglip-navit", "stock-siglip")
 SOURCE_FORMATS = ("auto", "bagel", "siglip", "siglip-navit")
 ROPE_CHOICES = ("auto", "true", "false")
-DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 DTYPE_CHOICES = ("keep", *DTYPES)
 DEFAULT_VIT_PREFIX = "vit_model."
 DEFAULT_MAX_SHARD_SIZE = "5GB"

@@ -10,11 +10,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Optional
 
-import torch
-
+from ..compat import DTYPES
 from ..errors import UsageError
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 DTYPE_CHOICES = (*sorted(DTYPES), "auto")  # auto: resolved per device at the start of a run (pipeline.resolve_dtype)
 ATTN_IMPLEMENTATIONS = ("sdpa", "flash_attention_2", "eager")
 DEFAULT_SHARD_SIZE = 256
