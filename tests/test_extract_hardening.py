@@ -24,7 +24,6 @@ from siglip_navit_tools import cpu, repo_code
 from siglip_navit_tools.extract import ExtractOptions, UsageError
 from siglip_navit_tools.extract import cli as extract_cli
 from siglip_navit_tools.extract.pipeline import resolve_dtype
-from siglip_navit_tools.extract.run import TEST_DELAY_ENV
 from siglip_navit_tools.extract.shards import lock_output
 
 __all__ = ["image_dir", "model_dir"]  # fixtures shared with test_extract_features
@@ -161,8 +160,10 @@ def children(pid):
 @pytest.mark.skipif(not os.path.isdir("/proc"), reason="reads /proc to find the DataLoader workers")
 def test_rerun_right_after_kill_9_is_not_refused_while_orphaned_workers_linger(model_dir, image_dir, tmp_path):
     out = tmp_path / "out"
-    env = script_env(**{TEST_DELAY_ENV: "0:60"})  # rank 0 sleeps before its first shard: the workers are up
-    proc = subprocess.Popen(script(model_dir, image_dir, out, "--num-workers", 2, "--shard-size", 4), env=env,
+    slow = [str(ROOT / "tests" / "extract" / "_extract_slow_rank_worker.py"), "0:60"]  # slows rank 0 from outside
+    command = [sys.executable, *slow, *script(model_dir, image_dir, out, "--num-workers", 2, "--shard-size", 4)[2:]]
+    env = script_env()  # rank 0 sleeps before its first shard: the workers are up
+    proc = subprocess.Popen(command, env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL)  # fmt: skip
     try:
         deadline = time.monotonic() + 90
