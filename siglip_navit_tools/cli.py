@@ -10,6 +10,7 @@ particular tool: the entry points pass their messages in. Nothing below the entr
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import sys
 import threading
@@ -27,6 +28,20 @@ def install_sigterm_handler() -> None:
     """Turn SIGTERM into KeyboardInterrupt (main thread only: signal handlers cannot be set elsewhere)."""
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGTERM, _sigterm_as_interrupt)
+
+
+def command_name(argv: Optional[object], default: str) -> str:
+    """The name this command was called by, for `--help`, usage and error lines: when this process is the command
+    (`argv` None) the file it was started as, i.e. the console script (`siglip-navit-convert`) or the entry file
+    (`convert_checkpoint.py`, also under torchrun); `default` when `main(argv)` is called as a function, or when
+    `sys.argv[0]` names no file (`python -c`)."""
+    name = os.path.basename(sys.argv[0]) if argv is None and sys.argv and sys.argv[0] else ""
+    return name if name and name not in ("-c", "-m", "__main__.py") else default
+
+
+def how_to_run(prog: str) -> str:
+    """What a user types to run `prog`: `python convert_checkpoint.py` for a file, the console script's name as is."""
+    return f"python {prog}" if prog.endswith(".py") else prog
 
 
 def setup_logging(fmt: str = "%(levelname)s %(message)s", level: int = logging.INFO) -> None:
