@@ -93,9 +93,14 @@ def default_dtype(device: Union[str, int, torch.device, None] = None) -> torch.d
     return torch.float32
 
 
+def transformers_major() -> int:
+    """The installed transformers' major version (4 or 5: both are supported)."""
+    return int(transformers.__version__.split(".")[0])
+
+
 def dtype_kwarg() -> str:
     """from_pretrained's dtype argument: `dtype=` on transformers 5.x, `torch_dtype=` on 4.x (5.x warns on it)."""
-    return "dtype" if int(transformers.__version__.split(".")[0]) >= 5 else "torch_dtype"
+    return "dtype" if transformers_major() >= 5 else "torch_dtype"
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -360,4 +365,5 @@ __all__ = [
     "dtype_kwarg",
     "group_in_order",
     "open_image",
+    "transformers_major",
 ]

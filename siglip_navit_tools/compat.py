@@ -2,8 +2,8 @@
 """The torch / transformers facts both tools share: the transformers-version differences they bridge (we support 4.49
 and 5.x) and the dtype names their `--dtype` flags accept. Nothing else lives here.
 
-from_pretrained's dtype argument name is the repo's remote code's (`pipeline_siglip_navit.dtype_kwarg`, which
-`handler.py` uses too): this module delegates to it.
+The version check and from_pretrained's dtype argument name are the repo's remote code's
+(`pipeline_siglip_navit.transformers_major` / `dtype_kwarg`, which `handler.py` uses too): this module delegates.
 """
 
 from __future__ import annotations
@@ -17,9 +17,8 @@ DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch
 
 
 def transformers_major() -> int:
-    import transformers
-
-    return int(transformers.__version__.split(".")[0])
+    """The installed transformers' major version: the repo's rule (`pipeline_siglip_navit.transformers_major`)."""
+    return repo_code.pipeline().transformers_major()
 
 
 def dtype_kwarg() -> str:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import copy
 import importlib
 import importlib.util
+import json
 import sys
 from pathlib import Path
 from types import ModuleType
@@ -90,6 +91,11 @@ def processor_auto_map() -> dict[str, str]:
 def architectures() -> list[str]:
     """config.json's `architectures`: the model class's name."""
     return [modeling().SiglipVisionModel.__name__]
+
+
+def template_config() -> dict:
+    """The repo root's config.json: BAGEL-7B-MoT's tower as BAGEL runs it (the ONE place its geometry is written)."""
+    return json.loads((REPO_ROOT / "config.json").read_text())
 
 
 def custom_pipelines() -> dict:

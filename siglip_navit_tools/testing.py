@@ -22,9 +22,12 @@ from . import repo_code
 from .compat import dtype_kwarg, transformers_major  # noqa: F401  (re-exported for tests and scripts)
 
 BAGEL_VIT_PREFIX = "vit_model."
+_TEMPLATE = repo_code.template_config()  # the repo root's config.json: BAGEL-7B-MoT's tower, the one place it is written
 # BAGEL-7B-MoT's vit_config.json geometry (patch 14, 980 px = a 70 x 70 position table) at a small width. As in
 # BAGEL's own file, num_hidden_layers there says one layer more than the checkpoint stores (BAGEL drops the last).
-BAGEL_GEOMETRY = dict(patch_size=14, image_size=980, model_type="siglip_vision_model")
+BAGEL_GEOMETRY = dict(
+    patch_size=_TEMPLATE["patch_size"], image_size=_TEMPLATE["image_size"], model_type="siglip_vision_model"
+)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -33,9 +36,12 @@ BAGEL_GEOMETRY = dict(patch_size=14, image_size=980, model_type="siglip_vision_m
 # A 2-layer model on a 6x6 patch grid (patch 4, 24 px): heads of 8 dims so RoPE halves are 4-wide.
 TINY = dict(hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4, num_channels=3,
             image_size=24, patch_size=4, rope=False)  # fmt: skip
-# BAGEL-7B-MoT's tower as BAGEL runs it (so400m/14, 980 px, 26 layers, learned positions).
-BAGEL_VIT = dict(hidden_size=1152, intermediate_size=4304, num_attention_heads=16, num_hidden_layers=26,
-                 patch_size=14, image_size=980, rope=False)  # fmt: skip
+# BAGEL-7B-MoT's tower as BAGEL runs it (so400m/14, 980 px, 26 layers, learned positions), from config.json.
+BAGEL_VIT = {
+    name: _TEMPLATE[name]
+    for name in ("hidden_size", "intermediate_size", "num_attention_heads", "num_hidden_layers", "patch_size",
+                 "image_size", "rope")
+}  # fmt: skip
 
 
 def tiny_config(**overrides):

@@ -18,7 +18,8 @@ from typing import TYPE_CHECKING, Optional, Union
 from huggingface_hub import ModelCard, ModelCardData
 
 from ..repo_code import (
-    REPO_ROOT, architectures, config_auto_map, custom_pipelines, image_processing, processor_auto_map,
+    REPO_ROOT, architectures, config_auto_map, custom_pipelines, image_processing, pipeline, processor_auto_map,
+    template_config,
 )  # fmt: skip
 from .options import DEFAULT_LICENSE, ConversionError, ConvertOptions
 
@@ -26,7 +27,6 @@ if TYPE_CHECKING:  # the plan imports the sources, which read cards through this
     from .plan import Plan
 
 BAGEL_REPO_ID = "ByteDance-Seed/BAGEL-7B-MoT"
-BAGEL_GEOMETRY = (1152, 14, 980, 26)  # hidden, patch, image, stored layers of BAGEL-7B-MoT's tower
 BaseModel = Union[str, list[str]]
 
 
@@ -115,9 +115,15 @@ def base_model(plan: "Plan", options: ConvertOptions) -> Optional[BaseModel]:
         return src.card["base_model"]
     if src.format == "bagel":
         geometry = (c.hidden_size, c.patch_size, c.image_size, plan.layers_stored)
-        return BAGEL_REPO_ID if geometry == BAGEL_GEOMETRY else None
+        return BAGEL_REPO_ID if geometry == bagel_geometry() else None
     name = (src.config_dict or {}).get("_name_or_path")
     return name if isinstance(name, str) and re.fullmatch(r"[\w.-]+/[\w.-]+", name) else None
+
+
+def bagel_geometry() -> tuple[int, int, int, int]:
+    """(hidden, patch, image, stored layers) of BAGEL-7B-MoT's tower: the repo root's config.json (its template)."""
+    t = template_config()
+    return t["hidden_size"], t["patch_size"], t["image_size"], t["num_hidden_layers"]
 
 
 def human(n: float) -> str:
@@ -318,7 +324,7 @@ def model_card(plan: "Plan", options: ConvertOptions) -> str:
     license_ = options.license or src.card.get("license") or DEFAULT_LICENSE
     base = base_model(plan, options)
     data = ModelCardData(
-        library_name="transformers", pipeline_tag="image-feature-extraction", license=license_, base_model=base,
+        library_name="transformers", pipeline_tag=pipeline().TASK, license=license_, base_model=base,
         tags=tags,
     )  # fmt: skip
     body = card_body(plan, options, license_, base)
