@@ -22,7 +22,7 @@ from . import repo_code
 from .compat import dtype_kwarg, transformers_major  # noqa: F401  (re-exported for tests and scripts)
 
 BAGEL_VIT_PREFIX = "vit_model."
-_TEMPLATE = repo_code.template_config()  # the repo root's config.json: BAGEL-7B-MoT's tower, the one place it is written
+_TEMPLATE = repo_code.template_config()  # the repo root's config.json: BAGEL-7B-MoT's tower, written once
 # BAGEL-7B-MoT's vit_config.json geometry (patch 14, 980 px = a 70 x 70 position table) at a small width. As in
 # BAGEL's own file, num_hidden_layers there says one layer more than the checkpoint stores (BAGEL drops the last).
 BAGEL_GEOMETRY = dict(
