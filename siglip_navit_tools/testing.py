@@ -203,6 +203,24 @@ def convert(src: Path, out: Path, *extra_args: str) -> Path:
     return Path(out)
 
 
+def console_script(folder: Path, name: str) -> Path:
+    """`folder/name`: the wrapper pip writes for pyproject.toml's `[project.scripts]` entry `name` (run it with
+    `python folder/name`, this checkout on PYTHONPATH), so the console scripts can be tested without an install."""
+    import tomllib
+
+    scripts = tomllib.loads((repo_code.REPO_ROOT / "pyproject.toml").read_text())["project"]["scripts"]
+    module, function = scripts[name].split(":")
+    path = Path(folder) / name
+    path.write_text(
+        "import re\nimport sys\n"
+        f"from {module} import {function}\n"
+        "if __name__ == '__main__':\n"
+        "    sys.argv[0] = re.sub(r'(-script\\.pyw|\\.exe)?$', '', sys.argv[0])\n"
+        f"    sys.exit({function}())\n"
+    )
+    return path
+
+
 def tiny_converted_repo(out: Path, *, work: Optional[Path] = None, **bagel_kwargs: Any) -> Path:
     """A ready-to-load converted Hub repo at `out`: a `tiny_bagel_checkpoint` (kwargs) run through the converter."""
     import tempfile
