@@ -586,7 +586,7 @@ def _checked_setting(name: str, value: Any) -> Any:
         if not isinstance(value, (bool, np.bool_)):
             raise ValueError(f"SiglipNaViTImageProcessor: `{name}` must be True or False, got {value!r}.")
         return bool(value)
-    if value not in spec.limit:
+    if not isinstance(value, str) or value not in spec.limit:  # (an array would compare element by element)
         raise ValueError(f"SiglipNaViTImageProcessor: `{name}` must be one of {spec.limit}, got {value!r}.")
     return value
 

@@ -10,6 +10,7 @@ import subprocess
 import sys
 import textwrap
 
+import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -39,6 +40,8 @@ def test_the_table_is_the_one_declaration():
     for name in ipm.SETTINGS:
         with pytest.raises(ValueError, match=f"`{name}` must be"):
             Processor(**{name: "nonsense" if ipm.SETTINGS[name].type is not str else 3})
+    with pytest.raises(ValueError, match="`position_id_mode` must be one of"):
+        Processor(position_id_mode=np.array(["extrapolate", "interpolate"]))
 
 
 def test_the_grid_side_limit_has_one_owner():
