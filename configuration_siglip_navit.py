@@ -1,7 +1,7 @@
 # Copyright 2026 The siglip-navit authors. Licensed under the Apache License, Version 2.0.
 """SigLIP-NaViT vision configuration: the SigLIP vision config plus BAGEL's `rope` flag."""
 
-from typing import Any, Mapping
+from typing import Any, Mapping, Optional
 
 from transformers import SiglipVisionConfig as _HFSiglipVisionConfig
 
@@ -69,6 +69,39 @@ def check_config(config) -> None:
             f"SiglipNaViTConfig: rope=True needs head_dim (hidden_size / num_attention_heads = {head_dim}) "
             "divisible by 4: each head is split into a row half and a column half, and each half is "
             "rotated in pairs."
+        )
+
+
+# The `attn_implementation` values the model runs (transformers sets `config._attn_implementation`).
+SUPPORTED_ATTN_IMPLEMENTATIONS = ("eager", "sdpa", "flash_attention_2")
+
+
+def check_attn_implementation(
+    name: Optional[str], requested: Optional[str] = None, flash_attn_importable: Optional[bool] = None
+) -> None:
+    """ValueError unless `name` is a backend we run (None: the default, sdpa). `requested`: what the user asked
+    for, when transformers turned it into `name`. `flash_attn_importable` (given at load time): flash_attention_2 also
+    needs flash-attn (its CUDA device is checked at the forward: the model may be moved there after loading)."""
+    if not (name is None or (isinstance(name, str) and name in SUPPORTED_ATTN_IMPLEMENTATIONS)):
+        via = f" (transformers chose it for {requested!r})" if requested not in (None, name) else ""
+        raise ValueError(
+            f"Unsupported attn_implementation {name!r}{via} for SigLIP-NaViT; supported: "
+            f"{', '.join(repr(n) for n in SUPPORTED_ATTN_IMPLEMENTATIONS)}."
+        )
+    if name == "flash_attention_2" and flash_attn_importable is False:
+        raise ValueError(
+            "attn_implementation='flash_attention_2' needs the `flash-attn` package (not importable here) and a "
+            "CUDA device. Install flash-attn on a CUDA machine, or use attn_implementation='sdpa' (default) or 'eager'."
+        )
+
+
+def check_output_attentions(attn_implementation: Optional[str]) -> None:
+    """`output_attentions=True` needs the eager kernel: sdpa and flash never materialise the probabilities."""
+    if attn_implementation != "eager":
+        raise ValueError(
+            f"output_attentions=True needs attn_implementation='eager', but this model runs "
+            f"{attn_implementation or 'sdpa'!r}, whose kernels never form the attention probabilities. Load it with "
+            "`from_pretrained(..., attn_implementation=\"eager\")` (or from_config) to get the attention maps."
         )
 
 
@@ -150,8 +183,11 @@ SiglipNaViTConfig.register_for_auto_class()
 __all__ = [
     "MAX_PATCHES_PER_SIDE",
     "SIZE_FIELD_BOUNDS",
+    "SUPPORTED_ATTN_IMPLEMENTATIONS",
     "SiglipNaViTConfig",
     "SiglipVisionConfig",
+    "check_attn_implementation",
     "check_config",
+    "check_output_attentions",
     "check_size_fields",
 ]

@@ -35,7 +35,7 @@ def accuracy_for(env: Env, rope: bool) -> str:
         notes.append(skipped("flash_attention_2", "flash-attn is not installed"))
     else:
         rows += path_rows(env, rope, env.half, "flash_attention_2", pack, reference, HALF_BOUND)
-    if env.kernel("sdpa", env.half) != "varlen":
+    if env.kernel("sdpa", env.half) != env.modeling.torch_varlen_attention.__name__:
         why = "needs CUDA" if not env.cuda else "this torch has no torch.nn.attention.varlen (torch >= 2.10)"
         notes.append(skipped("torch varlen kernel", f"{why}; sdpa ran SDPA image by image instead"))
     caption = (

@@ -144,8 +144,9 @@ class Env:
             torch.cuda.empty_cache()
 
     def kernel(self, attn: str, dtype: torch.dtype) -> str:
-        """The kernel our model picks for `attn` at `dtype` on this device (varlen, sdpa, flash_attention_2, eager)."""
-        return self.modeling.select_attention_kernel(attn, self.device, dtype, 0.0)
+        """The name of the kernel our model runs for `attn` at `dtype` on this device (e.g. `torch_varlen_attention`,
+        `sdpa_attention_per_image`, `flash_attn_varlen_attention`, `eager_attention_per_image`)."""
+        return self.modeling.select_attention_kernel(attn, self.device, dtype, 0.0).__name__
 
     def sync(self) -> None:
         if self.cuda:

@@ -13,7 +13,7 @@ Loading remote code copies it into transformers' modules cache (HF_MODULES_CACHE
 ~/.cache/huggingface/modules), one new folder per run here (the converted folder's name is unique). Unless you set
 HF_MODULES_CACHE, the script points it at its own temporary folder, so nothing is left behind; called in a process
 that has already imported transformers (too late for that), it removes its folder from the cache afterwards.
-tests/test_visualize.py compares the output with docs/*.png pixel for pixel.
+tests/pictures/test_pictures_visualize.py compares the output with docs/*.png pixel for pixel.
 """
 
 from __future__ import annotations

@@ -10,12 +10,13 @@ torch setting.
 from __future__ import annotations
 
 import platform
-from pathlib import Path
 
 import torch
 
 from . import repo_code
+from .io.files import read_regular_text
 
+CPUINFO = "/proc/cpuinfo"
 NATIVE_BF16 = repo_code.pipeline().NATIVE_BF16
 EMULATED_BF16 = repo_code.pipeline().EMULATED_BF16
 
@@ -32,10 +33,10 @@ def has_native_bf16() -> bool:
 def cpu_name() -> str:
     """The processor's model name (Linux), else what `platform` says."""
     try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
+        for line in read_regular_text(CPUINFO).splitlines():
             if line.startswith("model name"):
                 return line.split(":", 1)[1].strip()
-    except OSError:
+    except (OSError, ValueError):
         pass
     return platform.processor() or platform.machine()
 

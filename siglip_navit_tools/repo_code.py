@@ -17,15 +17,18 @@ import sys
 from pathlib import Path
 from types import ModuleType
 
+from .io.files import read_regular_text
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = "siglip_navit"
 CONFIG_FILE = "configuration_siglip_navit.py"
 MODELING_FILE = "modeling_siglip_navit.py"
+PACKING_FILE = "packing_siglip_navit.py"  # the checks of a pack's forward arguments (imported by the model)
 PROCESSING_FILE = "image_processing_siglip_navit.py"
 PIPELINE_FILE = "pipeline_siglip_navit.py"
 HANDLER_FILE = "handler.py"  # Inference Endpoints imports it as a top-level module: not part of the package
 # What `trust_remote_code=True` runs (the package members), and what a converted repo ships.
-REMOTE_CODE_FILES = (CONFIG_FILE, MODELING_FILE, PROCESSING_FILE, PIPELINE_FILE)
+REMOTE_CODE_FILES = (CONFIG_FILE, MODELING_FILE, PACKING_FILE, PROCESSING_FILE, PIPELINE_FILE)
 HUB_CODE_FILES = REMOTE_CODE_FILES + (HANDLER_FILE,)
 
 
@@ -95,7 +98,7 @@ def architectures() -> list[str]:
 
 def template_config() -> dict:
     """The repo root's config.json: BAGEL-7B-MoT's tower as BAGEL runs it (the ONE place its geometry is written)."""
-    return json.loads((REPO_ROOT / "config.json").read_text())
+    return json.loads(read_regular_text(REPO_ROOT / "config.json"))
 
 
 def custom_pipelines() -> dict:

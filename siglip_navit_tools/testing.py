@@ -1,7 +1,7 @@
 # Copyright 2026 The siglip-navit authors. Licensed under the Apache License, Version 2.0.
 """The ONE tiny-checkpoint builder: small configs, random models, packs, and checkpoints in every layout we read.
 
-Used by the tests (through tests/conftest.py), the benchmarks, scripts/make_figures.py, examples/demo.py and the
+Used by the tests (imported directly), the benchmarks, scripts/make_figures.py, examples/demo.py and the
 notebook. Owns: tiny configs and seeded random weights, hand-made packs (position ids written independently of the
 processor, as a cross-check), and writing checkpoints in BAGEL's layout (`ema.safetensors` + `vit_config.json`),
 stock SigLIP layouts, and a converted Hub repo (through the converter, as a user makes one). It must not hold
@@ -242,3 +242,37 @@ def saved_repo(out: Path, config, seed: int = 0) -> Path:
     processing.SiglipNaViTImageProcessor(**settings).save_pretrained(out)
     copy_remote_code(Path(out))  # + the pipeline and the Inference Endpoints handler, as a converted repo has
     return Path(out)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# A read-only location, for tests of what the tools say when they cannot write
+# ----------------------------------------------------------------------------------------------------------------
+# Runs "$@" with the folder "$0" bind-mounted read-only in a private mount namespace (gone with the process).
+_RO_SCRIPT = 'mount --bind "$0" "$0" && mount -o remount,bind,ro "$0" "$0" && exec "$@"'
+
+
+def read_only_prefix(folder: Path) -> tuple[Optional[list[str]], str]:
+    """(a command prefix that runs a command with `folder` read-only, or None; how, or why there is none). Root
+    ignores permission bits, so as root `folder` is bind-mounted read-only in a private mount namespace (`unshare
+    --mount`, util-linux): a real read-only file system (EROFS) that only the wrapped process sees. Otherwise the
+    folder's write bits are cleared (EACCES) -- the caller restores them (`os.chmod(folder, 0o755)`)."""
+    import os
+    import subprocess
+
+    folder = Path(folder)
+    if os.geteuid() != 0:
+        os.chmod(folder, 0o555)
+        return [], "write permission removed (not root)"
+    prefix = ["unshare", "--mount", "--propagation", "private", "sh", "-c", _RO_SCRIPT, str(folder)]
+    probe = folder / ".read-only-probe"
+    try:
+        result = subprocess.run([*prefix, "touch", str(probe)], capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.SubprocessError) as exc:
+        return None, f"as root, a read-only location needs `unshare --mount` + `mount` ({exc})"
+    if probe.exists():
+        probe.unlink()
+        return None, "the read-only bind mount did not take effect"
+    if "Read-only file system" not in result.stderr:
+        reason = result.stderr.strip().splitlines()[-1] if result.stderr.strip() else f"exit {result.returncode}"
+        return None, f"as root, a read-only location needs `unshare --mount` + `mount`, which failed here: {reason}"
+    return prefix, "a read-only bind mount in a private mount namespace"

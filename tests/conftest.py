@@ -1,36 +1,18 @@
-"""Shared test helpers. The builders live in `siglip_navit_tools.testing` (the one tiny-checkpoint builder, also used
-by benchmarks, scripts and the notebook); the remote-code files are imported through `siglip_navit_tools.repo_code`."""
+"""pytest's root conftest: fixtures shared by every test folder (a folder's own conftest.py holds that folder's).
 
-from pathlib import Path
+Test modules import what they need directly: the tiny-checkpoint builders from `siglip_navit_tools.testing`, the
+remote-code modules through `siglip_navit_tools.repo_code`, helper modules from beside them. Never `from conftest
+import ...`: every folder's conftest.py is imported under that same name."""
+
+import subprocess
+import sys
 
 import pytest
 
-from siglip_navit_tools import repo_code
-from siglip_navit_tools.testing import (  # noqa: F401  (re-exported for the test modules)
-    build_hub_dir,
-    copy_remote_code,
-    dtype_kwarg,
-    make_model,
-    make_pack,
-    positions_for,
-    randomize_,
-    save_safetensors,
-    tiny_config,
-    transformers_major,
-    unique_dir,
-)
-
-ROOT: Path = repo_code.REPO_ROOT
-REMOTE_CODE_FILES = list(repo_code.REMOTE_CODE_FILES)
-cfg_mod = repo_code.configuration()
-model_mod = repo_code.modeling()
-
 
 @pytest.fixture
-def tiny():
-    return tiny_config
-
-
-TRANSFORMERS_MAJOR = transformers_major()
-# transformers 5.x renamed from_pretrained's `torch_dtype=` to `dtype=` (the old name warns there).
-DTYPE_KWARG = dtype_kwarg()
+def dead_pid() -> int:
+    """The id of a process that has exited: what the marker of a killed run names."""
+    process = subprocess.Popen([sys.executable, "-c", "pass"])
+    process.wait()
+    return process.pid

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Optional, Union
 
 from huggingface_hub import ModelCard, ModelCardData
 
+from ..io.files import read_regular_text
 from ..repo_code import (
     REPO_ROOT, architectures, config_auto_map, custom_pipelines, image_processing, pipeline, processor_auto_map,
     template_config,
@@ -56,7 +57,7 @@ def stock_config_dict(plan: "Plan") -> dict:
 def navit_preprocessor_dict(config) -> dict:
     """preprocessor_config.json: the repo's template (else BAGEL's settings) with the model's geometry filled in."""
     path = REPO_ROOT / "preprocessor_config.json"
-    template = json.loads(path.read_text()) if path.is_file() else None
+    template = json.loads(read_regular_text(path)) if path.is_file() else None
     settings = image_processing().SiglipNaViTImageProcessor.settings_for_model(config, template)
     return {"auto_map": processor_auto_map(), **settings}
 
@@ -223,7 +224,10 @@ def cpu_dtype_note(readme: Optional[os.PathLike] = None) -> str:
     """The measured CPU dtype figures for the card: README's marked section (`CPU_DTYPE_SECTION`)."""
     path = readme if readme is not None else REPO_ROOT / "README.md"
     start, end = CPU_DTYPE_SECTION
-    text = open(path, encoding="utf-8").read() if os.path.isfile(path) else ""
+    try:
+        text = read_regular_text(path)
+    except (OSError, ValueError):  # missing, not a regular file, not UTF-8
+        text = ""
     first = text.find(start)
     last = text.find(end, first + 1) if first >= 0 else -1
     if last < 0:

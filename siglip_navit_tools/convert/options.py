@@ -98,6 +98,20 @@ class ConvertOptions:
         return "python " + shlex.join(words)
 
 
+PATH_HINTS = {"--src": "the checkpoint to convert", "--out": "the folder to write", "--config": "the source's config"}
+
+
+def nonblank_path(text: str, flag: str) -> str:
+    """A path option as given; an empty or blank one is refused (`Path("")` would silently be the current
+    directory: converted from, or replaced with --force)."""
+    if not str(text).strip():
+        raise ConversionError(
+            f"{flag} is empty ({str(text)!r}): name {PATH_HINTS.get(flag, 'a path')} (the current directory is "
+            "never assumed; write . to mean it)."
+        )
+    return text
+
+
 MAX_SIZE = 2**60  # 1 EiB: above any real size; a larger number is a typo (and would overflow the arithmetic)
 READ_CHUNK_BOUNDS = (2**10, 2**34)  # 1 KiB .. 16 GiB: smaller would make millions of reads, larger is all memory
 

@@ -238,6 +238,21 @@ def _mismatch_error(src, layout, tower, missing, unexpected, misshaped) -> Conve
     return ConversionError("\n".join(lines))
 
 
+def check_dtypes(items: list[Item], src: Source) -> None:
+    """Every written tensor in a dtype the model is stored and run in (DTYPE_NAMES): an fp8 source needs --dtype,
+    which casts it (at --dry-run too, before anything is written)."""
+    bad = [it for it in items if it.out_dtype not in DTYPE_NAMES]
+    if not bad:
+        return
+    kinds = sorted({str(it.out_dtype).replace("torch.", "") for it in bad})
+    raise ConversionError(
+        f"{src.loc.display}: {len(bad)} of the {len(items)} tensors to write are {' / '.join(kinds)} (e.g. "
+        f"{bad[0].entry.info.key!r}), which SigLIP-NaViT is not stored in nor run with; pass --dtype bfloat16 (or "
+        "float16 / float32) to cast them (a plain cast: an fp8 checkpoint with separate scale tensors is not "
+        "supported). Nothing was written."
+    )
+
+
 def _dtype_name(items: list[Item], options: ConvertOptions, notes: list[str]) -> str:
     """The dtype config.json names: --dtype, else the patch embedding's (mixed source dtypes are noted)."""
     if options.dtype in DTYPES:
@@ -281,6 +296,7 @@ def build_plan(src: Source, options: ConvertOptions) -> Plan:
     missing = [k for k in expected if k not in kept]
     if missing or unexpected or misshaped:
         raise _mismatch_error(src, layout, tower, missing, unexpected, misshaped)
+    check_dtypes(items, src)
     notes = tower.notes
     dtype_name = _dtype_name(items, options, notes)
     file_order = {name: i for i, name in enumerate(src.files)}

@@ -1,16 +1,16 @@
 # Copyright 2026 The siglip-navit authors. Licensed under the Apache License, Version 2.0.
 """`convert(options) -> ConvertResult`: the converter's steps, in order.
 
-Open the source (headers only), check the target, build and validate the plan, then (unless a dry run) write the
-weights and side files into a temporary directory beside the target, verify them, make them durable and rename
-the directory into place (`io.atomic`), and optionally upload. Owns the progress messages on stderr and the dry-run
+Take the target's lock (unless a dry run) and repair leftovers of killed runs, open the source (headers only), check
+the target (`target`), build and validate the plan, then (unless a dry run) write the weights and side files into a
+temporary directory beside the target, verify them, make them durable, check the target again and rename the
+directory into place (`io.atomic`), and optionally upload. Owns the progress messages on stderr and the dry-run
 listing on stdout. Must not parse command lines nor map errors to exit codes (that is `cli`).
 """
 
 from __future__ import annotations
 
 import errno
-import os
 import re
 import sys
 from dataclasses import dataclass
@@ -19,9 +19,10 @@ from typing import Optional
 
 from ..io import atomic
 from .hub import human, push_to_hub
-from .options import READ_CHUNK_BOUNDS, ConversionError, ConvertOptions, parse_size
+from .options import READ_CHUNK_BOUNDS, ConversionError, ConvertOptions, nonblank_path, parse_size
 from .plan import DTYPE_NAMES, Plan, build_plan
 from .sources import Source, open_source
+from .target import check_target, locked_target, output_path
 from .write import output_file_list, verify_output, write_side_files, write_weights
 
 
@@ -32,25 +33,6 @@ class ConvertResult:
     bytes_read: int  # tensor bytes read from the source
     url: Optional[str] = None  # the Hub repo, with push_to_hub
     written: bool = True  # False on a dry run
-
-
-def check_target(out: Path, src: Source, force: bool) -> None:
-    """Never over the source, and never over a non-empty directory without `force`."""
-    if src.loc.is_local:
-        src_path = Path(src.loc.path).resolve()
-        out_res = out.resolve()
-        if out_res == src_path or out_res in src_path.parents:
-            raise ConversionError(
-                f"refusing to write to {out}: it is (or contains) the source {src.loc.display}. Choose another --out."
-            )
-    if out.is_symlink() or out.exists():
-        if out.is_dir() and not out.is_symlink() and not any(out.iterdir()):
-            return
-        if not force:
-            raise ConversionError(
-                f"target {out} already exists and is not empty; pass --force to replace it (the old contents are "
-                "replaced only after the new checkpoint has been written and verified)."
-            )
 
 
 def _natural(key: str) -> list:
@@ -90,7 +72,8 @@ def describe_plan(plan: Plan, out: Path) -> str:
 
 
 def _write(plan: Plan, out: Path, options: ConvertOptions, chunk: int) -> None:
-    """Everything into a temporary directory beside `out`; verified and durable before it replaces `out`. An
+    """Everything into a temporary directory beside `out`; verified and durable before it replaces `out`, and only if
+    `out` still passes the target rules at that moment (something may have appeared there meanwhile). An
     operating-system failure of the target (disk full, read-only, no permission) is one paragraph saying what it
     means for `out`."""
     existed = out.exists() or out.is_symlink()
@@ -102,23 +85,43 @@ def _write(plan: Plan, out: Path, options: ConvertOptions, chunk: int) -> None:
             verify_output(plan, tmp, chunk)
             with atomic.target_errors(tmp):
                 atomic.fsync_tree(tmp)
+            _check_again(out, plan.source, options.force)
             with atomic.target_errors(out):
-                atomic.replace_directory(tmp, out)
+                atomic.replace_directory(tmp, out, replace=options.force)
     except atomic.TargetWriteError as exc:
         raise _target_error(exc, out, existed, plan) from None
+    except atomic.TargetAppeared:
+        raise _appeared(out, "during the final rename") from None
 
 
-def _target_error(exc: atomic.TargetWriteError, out: Path, existed: bool, plan: Plan) -> ConversionError:
+def _check_again(out: Path, src: Source, force: bool) -> None:
+    """The target rules once more, right before the rename: a folder created at --out during the run (by a user, or
+    a program) is not replaced without --force, nor with it unless it looks like a checkpoint."""
+    try:
+        check_target(out, src, force)
+    except ConversionError as exc:
+        raise ConversionError(f"{out} changed during the run: {exc} The converted checkpoint was discarded.") from None
+
+
+def _appeared(out: Path, when: str) -> ConversionError:
+    return ConversionError(
+        f"{out} changed during the run: something non-empty appeared there {when}, so it was left as it is and the "
+        "converted checkpoint was discarded. Pass --force to replace a checkpoint folder, or choose another --out."
+    )
+
+
+def _target_error(exc: atomic.TargetWriteError, out: Path, existed: bool, plan: Optional[Plan]) -> ConversionError:
     if existed and not (out.exists() or out.is_symlink()):  # both renames failed: say where the old output is
         state = f"the previous --out could not be put back; it is parked beside it as .{out.name}{atomic.OLD_MARK}*"
     else:
         state = "nothing was changed at --out" + (" (its previous contents are intact)" if existed else "")
-    free = f"free at least {human(plan.total_out_bytes)}"
+    free = f"free at least {human(plan.total_out_bytes)}" if plan is not None else "free some space"
     writable = "choose an --out you may write to (or fix its permissions)"
     hints = {errno.ENOSPC: f"{free} there and run again", errno.EDQUOT: f"{free} of your quota and run again",
              errno.EROFS: "choose an --out on a writable file system", errno.EACCES: writable, errno.EPERM: writable}
     hint = hints.get(exc.errno, "fix that and run again")
-    return ConversionError(f"{exc}; {state} ({out}) and the temporary directory was removed. To fix: {hint}.")
+    removed = " and the temporary directory was removed" if plan is not None else ""
+    return ConversionError(f"{exc}; {state} ({out}){removed}. To fix: {hint}.")
 
 
 def _recover(out: Path, options: ConvertOptions, log) -> None:
@@ -141,7 +144,21 @@ def convert(options: ConvertOptions) -> ConvertResult:
 
     chunk = parse_size(options.read_chunk_size, "--read-chunk-size", READ_CHUNK_BOUNDS)
     parse_size(options.max_shard_size)  # both size options are checked before any file is opened
-    out = Path(os.path.abspath(os.path.expanduser(options.out)))
+    nonblank_path(options.src, "--src")
+    if options.config is not None:
+        nonblank_path(options.config, "--config")
+    out = output_path(options.out)
+    if options.dry_run:  # writes nothing, so it takes no lock (and creates no lock file)
+        return _convert(options, out, chunk, log)
+    try:
+        with locked_target(out):
+            return _convert(options, out, chunk, log)
+    except atomic.TargetWriteError as exc:  # the lock (or a parent folder) could not be created
+        raise _target_error(exc, out, out.exists() or out.is_symlink(), None) from None
+
+
+def _convert(options: ConvertOptions, out: Path, chunk: int, log) -> ConvertResult:
+    """`convert` once the target is ours (locked, or a dry run)."""
     _recover(out, options, log)
     src = open_source(options)
     try:

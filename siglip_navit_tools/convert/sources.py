@@ -57,6 +57,7 @@ class PickleFile:
 
 
 def _load_weights_only(loc: Location) -> object:
+    loc.check_regular()  # torch.load opens the path itself (mmap needs it): a FIFO would block it
     try:
         try:
             return torch.load(loc.path, map_location="cpu", weights_only=True, mmap=True)

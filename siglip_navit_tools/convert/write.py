@@ -18,6 +18,7 @@ from typing import Iterator
 import torch
 
 from ..io import atomic
+from ..io.files import read_regular_text
 from ..io.safetensors import SafetensorsFile, SafetensorsWriter, VerificationError, verify_file
 from ..repo_code import HUB_CODE_FILES, REPO_ROOT, modeling
 from . import hub
@@ -119,8 +120,9 @@ def _all_finite(tensor: torch.Tensor) -> bool:
     overflows from finite values alone is settled by the exact test."""
     if tensor.numel() == 0:
         return True
-    total = tensor.sum(dtype=torch.float32) if tensor.dtype == torch.float16 else tensor.sum()
-    return bool(torch.isfinite(total)) or bool(torch.isfinite(tensor).all())
+    narrow = tensor.dtype == torch.float16 or tensor.dtype.itemsize == 1  # fp8 has no sum/isfinite kernels of its own
+    total = tensor.sum(dtype=torch.float32) if narrow else tensor.sum()
+    return bool(torch.isfinite(total)) or bool(torch.isfinite(tensor.float() if narrow else tensor).all())
 
 
 def convert_tensor(item: Item, tensor: torch.Tensor, config) -> torch.Tensor:
@@ -185,7 +187,7 @@ def verify_output(plan: Plan, outdir: Path, chunk_bytes: int) -> None:
     except VerificationError as exc:
         raise ConversionError(f"{exc} Nothing was written to the target.") from exc
     if len(plan.shard_files) > 1:
-        index = json.loads((outdir / INDEX_FILE).read_text())
+        index = json.loads(read_regular_text(outdir / INDEX_FILE))
         if index["weight_map"] != _index(plan)["weight_map"]:
             raise ConversionError("verification failed: model.safetensors.index.json does not match the shards.")
 

@@ -15,7 +15,7 @@ from typing import Any, Callable, Optional
 import torch
 import torch.distributed as dist
 
-from ..errors import ToolError
+from ..errors import ToolError, UsageError
 
 
 def local_rank() -> int:
@@ -26,13 +26,36 @@ def pick_device(device: Optional[str]) -> torch.device:
     """`device` as given ("cuda" alone: one GPU per process, cuda:LOCAL_RANK), or by default cuda:LOCAL_RANK when
     CUDA is available, else the CPU."""
     if device is not None:
-        chosen = torch.device(device)
+        chosen = check_device(device)
         if chosen.type == "cuda" and chosen.index is None:
             chosen = torch.device("cuda", local_rank() % torch.cuda.device_count())
         return chosen
     if torch.cuda.is_available():
         return torch.device("cuda", local_rank() % torch.cuda.device_count())
     return torch.device("cpu")
+
+
+def check_device(text: str) -> torch.device:
+    """`--device` as a torch.device this machine has; otherwise a UsageError naming it and what there is instead."""
+    try:
+        chosen = torch.device(text)
+    except (RuntimeError, ValueError, TypeError):
+        raise UsageError(f"--device {text!r} is not a torch device: use cpu, cuda or cuda:N") from None
+    if chosen.type == "meta":
+        raise UsageError(f"--device {text!r} holds no data (meta tensors have shapes only), so nothing can be encoded "
+                         "on it: use cpu, cuda or cuda:N")  # fmt: skip
+    if chosen.type == "cpu":
+        return chosen
+    backend = torch.backends.mps if chosen.type == "mps" else getattr(torch, chosen.type, None)
+    if not (hasattr(backend, "is_available") and backend.is_available()):
+        built = " (this torch is built without CUDA)" if chosen.type == "cuda" and torch.version.cuda is None else ""
+        raise UsageError(f"--device {text!r}: this machine has no {chosen.type} device{built}; use --device cpu, or "
+                         "leave --device out (a GPU is used when there is one)")  # fmt: skip
+    count = backend.device_count() if hasattr(backend, "device_count") else 1
+    if chosen.index is not None and chosen.index >= count:
+        raise UsageError(f"--device {text!r}: this machine has {count} {chosen.type} device(s), "
+                         f"{chosen.type}:0 to {chosen.type}:{count - 1}")  # fmt: skip
+    return chosen
 
 
 @dataclass(frozen=True)

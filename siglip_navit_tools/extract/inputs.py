@@ -17,14 +17,15 @@ import glob
 import io
 import logging
 import os
-import stat
 import struct
 import zlib
 from pathlib import Path
-from typing import Any, BinaryIO, Optional, Union
+from typing import Any, Optional, Union
 
 import PIL.Image
 
+from ..io.files import NotARegularFile as NotAnImageFile  # a ValueError: a bad image, skipped unopened
+from ..io.files import glob_files, open_regular_file, tree_entries
 from .options import UsageError
 
 logger = logging.getLogger(__name__)
@@ -61,46 +62,6 @@ def error_text(exc: BaseException) -> str:
     "image 0: " prefix says nothing: the id is listed beside the error)."""
     text = str(exc)
     return f"{type(exc).__name__}: {text[len('image 0: '):] if text.startswith('image 0: ') else text}".strip()
-
-
-class NotAnImageFile(ValueError):
-    """The path names no regular file (a FIFO, socket, device, directory, or a dangling symlink): skipped unopened."""
-
-
-_FILE_KINDS = ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO"), (stat.S_ISSOCK, "a socket"),
-               (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"))  # fmt: skip
-
-
-def _not_regular(mode: int) -> Optional[str]:
-    """Why a file of this st_mode cannot be an image file, or None for a regular file."""
-    if stat.S_ISREG(mode):
-        return None
-    kind = next((name for test, name in _FILE_KINDS if test(mode)), f"file type {stat.S_IFMT(mode):o}")
-    return f"not a regular file ({kind})"
-
-
-def open_regular_file(path: str) -> BinaryIO:
-    """`path` opened for reading if it is a regular file (after following symlinks); else NotAnImageFile with the
-    reason. Never blocks: the type is checked before opening, and again on the opened descriptor (O_NONBLOCK, so a
-    FIFO swapped in between cannot hang the run)."""
-    try:
-        reason = _not_regular(os.stat(path).st_mode)
-    except FileNotFoundError:
-        if os.path.islink(path):
-            raise NotAnImageFile(f"dangling symlink (its target {os.readlink(path)!r} does not exist)") from None
-        raise
-    if reason is not None:
-        raise NotAnImageFile(reason)
-    f = open(path, "rb", opener=lambda name, flags: os.open(name, flags | getattr(os, "O_NONBLOCK", 0)))
-    try:
-        reason = _not_regular(os.fstat(f.fileno()).st_mode)
-    except BaseException:
-        f.close()
-        raise
-    if reason is not None:
-        f.close()
-        raise NotAnImageFile(reason)
-    return f  # named `path` (error messages name the file)
 
 
 def unique_files(paths: list[str]) -> tuple[list[str], list[dict]]:
@@ -250,7 +211,7 @@ def _dataset_source(
 def _folder_source(path: Path, spec: str) -> FileSource:
     # every entry but folders: FIFOs, sockets, devices and dangling symlinks with an image name are listed, and then
     # skipped with their reason (never opened); a folder is a container, not a file that should have been an image
-    found = [p for p in path.rglob("*") if not p.is_dir()]
+    found = [p for p in tree_entries(path) if not p.is_dir()]
     files = sorted(str(p) for p in found if p.suffix.lower() in IMAGE_EXTENSIONS)
     if len(files) < len(found):
         logger.info("--input folder: %d files without an image extension ignored", len(found) - len(files))
@@ -277,7 +238,7 @@ def _file_source(path: Path, spec: str) -> FileSource:
 
 
 def _glob_source(spec: str) -> FileSource:
-    files = sorted(p for p in glob.glob(spec, recursive=True) if not os.path.isdir(p))  # as a folder: see above
+    files = sorted(p for p in glob_files(spec) if not os.path.isdir(p))  # as a folder: see above
     if not files:
         raise UsageError(f"--input glob {spec!r} matches no files")
     return FileSource(files)

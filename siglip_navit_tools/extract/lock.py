@@ -1,86 +1,45 @@
 # Copyright 2026 The siglip-navit authors. Licensed under the Apache License, Version 2.0.
 """The output folder's lock: one run at a time per --output, and the lock dies with the process that took it.
 
-An exclusive, non-blocking `flock` on `output/.lock` (the file stays: a waiter and the holder share one inode). A
-flock belongs to the open file description, so every process holding a copy of the descriptor holds the lock: the
-descriptor is therefore opened close-on-exec (spawned / exec'd children never get it) and closed in every FORKED
-child right after the fork (`os.register_at_fork`), before any of the child's own code runs. DataLoader workers
-(forked on Linux) thus never hold it, and after `kill -9` of the main process the kernel frees the lock at once,
-however long orphaned workers linger. Must not know what the folder holds (shards.py does).
+The lock itself is the tools' one implementation (`siglip_navit_tools.io.lock`: an flock on `output/.lock`, never
+held by forked DataLoader workers, freed by the kernel at once after `kill -9`; the file stays, so a waiter and the
+holder share one inode). This module words its failures for the extractor: another run holds it, `.lock` is not a
+regular file, or the folder cannot be written. Must not know what the folder holds (shards.py does).
 """
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
-from typing import Optional
 
+from ..io.atomic import describe_os_error
+from ..io.files import NotARegularFile
+from ..io.lock import FileLock, LockBusy
 from .options import UsageError
 
-try:
-    import fcntl
-except ImportError:  # not POSIX: filelock's portable lock (workers are spawned there, so none inherits it)
-    fcntl = None
-
 LOCK = ".lock"
-_HELD: set[int] = set()  # this process's lock descriptors, closed in forked children
 
 
-def _close_in_forked_child() -> None:
-    # close only: LOCK_UN here would unlock the PARENT's lock (the description is shared)
-    for fd in list(_HELD):
-        try:
-            os.close(fd)
-        except OSError:
-            pass
-    _HELD.clear()
-
-
-if hasattr(os, "register_at_fork"):
-    os.register_at_fork(after_in_child=_close_in_forked_child)
-
-
-def _in_use(output: Path) -> UsageError:
-    return UsageError(f"--output {str(output)!r} is in use by another extract_features.py run")
-
-
-class OutputLock:
-    """An exclusive lock on `output/.lock`, held by this process alone until `release()` or the process's end."""
+class OutputLock(FileLock):
+    """An exclusive lock on `output/.lock` (the folder is created when missing), held by this process alone until
+    `release()` or the process's end; every failure is a UsageError naming --output."""
 
     def __init__(self, output: Path):
-        self.path = output / LOCK
-        self.fd: Optional[int] = None
-        self._portable = None
-        if fcntl is None:
-            import filelock
-
-            self._portable = filelock.FileLock(str(self.path), thread_local=False)
-            try:
-                self._portable.acquire(blocking=False)
-            except filelock.Timeout as exc:
-                raise _in_use(output) from exc
-            return
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT | getattr(os, "O_CLOEXEC", 0), 0o666)
+        where = f"--output {str(output)!r}"
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError as exc:
-            os.close(fd)
-            raise _in_use(output) from exc
-        except BaseException:
-            os.close(fd)
-            raise
-        self.fd = fd
-        _HELD.add(fd)
-
-    def release(self) -> None:
-        if self._portable is not None:
-            self._portable.release()
-            self._portable = None
-        if self.fd is not None:
-            _HELD.discard(self.fd)
-            fcntl.flock(self.fd, fcntl.LOCK_UN)
-            os.close(self.fd)
-            self.fd = None
+            output.mkdir(parents=True, exist_ok=True)
+            super().__init__(output / LOCK)
+        except LockBusy as exc:
+            raise UsageError(f"{where} is in use by another extract_features.py run") from exc
+        except NotARegularFile as exc:
+            raise UsageError(
+                f"{where}: its lock file {LOCK} is {exc.kind or 'not a regular file'}, not a regular file (no run of "
+                f"this tool makes that); remove {output / LOCK} or choose another --output"
+            ) from None
+        except OSError as exc:
+            raise UsageError(
+                f"{where} cannot be written ({describe_os_error(exc)}: {exc.filename or output}); choose an --output "
+                "on a writable file system that you may write to"
+            ) from None
 
 
 def lock_output(output: Path) -> OutputLock:

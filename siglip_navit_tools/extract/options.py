@@ -62,6 +62,9 @@ class ExtractOptions:
 
     def validate(self) -> None:
         """Raise UsageError for values no run can use (the checks that need a model or the inputs come later)."""
+        for flag, value in (("--model", self.model), ("--input", self.input), ("--output", self.output)):
+            if not str(value).strip():  # Path("") is the current directory: never assumed
+                raise UsageError(f"{flag} is empty ({value!r}): name it (write . to mean the current directory)")
         if self.max_patches_per_batch <= 0:
             raise UsageError(
                 f"--max-patches-per-batch must be a positive number of patches, got {self.max_patches_per_batch}"

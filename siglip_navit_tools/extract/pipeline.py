@@ -19,6 +19,7 @@ import torch
 from .. import cpu, repo_code
 from ..compat import dtype_kwarg
 from .inputs import ImageId, Source, error_text, is_bad_image_error
+from .model_folder import check_model
 from .options import DTYPES, UsageError
 from .packing import plan_batches
 
@@ -69,6 +70,7 @@ def load_model_and_processor(
 ) -> tuple[torch.nn.Module, Any]:
     """The model (in eval mode, on `device`) and its image processor. Default: this repo's code with `model_id`'s
     config and weights; `trust_remote_code`: the code in `model_id`'s own repo, through the Auto classes."""
+    check_model(model_id, revision, trust_remote_code)  # a stock SigLIP / BAGEL folder: say how to convert it
     hub = {"revision": revision} if revision else {}
     model_kwargs = {"attn_implementation": attn_implementation, dtype_kwarg(): DTYPES[dtype], **hub}
     try:
@@ -81,7 +83,7 @@ def load_model_and_processor(
             model_class, processor_class = _repo_classes()
             model = model_class.from_pretrained(model_id, **model_kwargs)
             processor = processor_class.from_pretrained(model_id, **hub)
-    except (OSError, ValueError) as exc:
+    except (OSError, ValueError, RuntimeError) as exc:  # RuntimeError: a checkpoint missing tensors (strict load)
         raise UsageError(f"--model {model_id!r} could not be loaded: {exc}") from exc
     missing = [name for name in PROCESSOR_METHODS if not hasattr(processor, name)]
     if missing:

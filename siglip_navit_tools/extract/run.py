@@ -163,8 +163,7 @@ def _take_output(output: Path, ids: list, settings: dict, options: ExtractOption
     """Rank 0: create and lock the output folder, remove killed runs' temporaries, read (resume) or make the plan,
     list the unfinished shards (the order every rank claims them in) and name the run (its claim counter's
     namespace). Returns (plan, unfinished shards, run id, lock)."""
-    output.mkdir(parents=True, exist_ok=True)
-    lock = lock_output(output)
+    lock = lock_output(output)  # creates the folder; a read-only or busy --output is one line (UsageError)
     try:
         remove_stale_temporaries(output)
         plan = make_plan(output, ids, settings, options.shard_size, world_size, options.overwrite)

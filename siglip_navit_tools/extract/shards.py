@@ -11,19 +11,23 @@ ONE atomic scheme (`siglip_navit_tools.io.atomic`). Must not load models, read i
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
 import math
+import os
 import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Iterator, Optional
 
 import torch
 
+from ..errors import ToolError
 from ..io import atomic
+from ..io.files import NotARegularFile, is_regular_file, read_regular_bytes
 from .lock import LOCK, OutputLock, lock_output  # noqa: F401 - the lock is part of the folder's format
 from .options import DEFAULT_SHARD_SIZE, UsageError
 
@@ -105,10 +109,12 @@ class _Manifest:
             self.problem = "is missing"
             return
         try:
-            text = path.read_bytes().decode()
+            text = read_regular_bytes(path).decode()
             if not text.strip():
                 raise ValueError("the file is empty")
             old = json.loads(text)
+        except NotARegularFile as exc:  # never opened: reading a FIFO blocks, a directory is not a manifest
+            raise _not_ours(output, MANIFEST, exc.kind) from None
         except ValueError as exc:  # UnicodeDecodeError and json.JSONDecodeError are ValueErrors
             self.problem = f"is corrupt ({exc})"
             return
@@ -123,9 +129,19 @@ class _Manifest:
         self.data = old
 
 
+def _not_ours(output: Path, name: str, kind: str) -> UsageError:
+    return UsageError(
+        f"--output {str(output)!r}: its {name} is {kind or 'not a regular file'}, not a file this tool writes (it is "
+        f"never opened nor deleted); remove {output / name} yourself, or choose another --output"
+    )
+
+
 def _clear_output(output: Path) -> None:
-    """--overwrite: every shard file and the manifest go (whatever run they belong to)."""
+    """--overwrite: every shard file and the manifest go (whatever run they belong to); a directory at such a name
+    is not ours to delete."""
     for path in output.glob(SHARD_GLOB):
+        if path.is_dir() and not path.is_symlink():
+            raise _not_ours(output, path.name, "a directory")
         path.unlink(missing_ok=True)
     (output / MANIFEST).unlink(missing_ok=True)
 
@@ -134,6 +150,8 @@ def _shard_metadata_on_disk(path: Path) -> Optional[dict]:
     """A shard file's safetensors metadata, or None when the file cannot be read (damaged: it is encoded again)."""
     from safetensors import safe_open
 
+    if not is_regular_file(path):  # a FIFO would block safe_open
+        return None
     try:
         with safe_open(str(path), framework="pt") as f:
             return f.metadata() or {}
@@ -267,7 +285,9 @@ def finished_shard(output: Path, plan: Plan, k: int) -> Optional[dict]:
     from safetensors import safe_open
 
     path = output / shard_name(k, plan.num_shards)
-    if not path.is_file():
+    if not is_regular_file(path):
+        if path.is_dir() and not path.is_symlink():  # the shard could never be written over it
+            raise _not_ours(output, path.name, "a directory")
         return None
     try:
         with safe_open(str(path), framework="pt") as f:
@@ -287,6 +307,27 @@ def shard_metadata(plan: Plan, ids: list, skipped: list) -> dict[str, str]:
             "plan": json.dumps(layout)}  # fmt: skip
 
 
+class OutputWriteError(ToolError):
+    """Writing into --output failed in the operating system (disk full, quota, read-only, no permission)."""
+
+
+@contextlib.contextmanager
+def output_errors(path: Path) -> Iterator[None]:
+    """An operating-system failure of writing `path` in --output as one paragraph saying what it means for the run
+    (exit status 1). safetensors' writer reports an OS error only in its message ("... (os error 28)")."""
+    try:
+        yield
+    except Exception as exc:  # noqa: BLE001 - only OS errors are turned into the paragraph; the rest is re-raised
+        found = re.search(r"\(os error (\d+)\)", str(exc)) if not isinstance(exc, OSError) else None
+        if not isinstance(exc, OSError) and found is None:
+            raise
+        os_error = exc if isinstance(exc, OSError) else OSError(int(found[1]), os.strerror(int(found[1])))
+        raise OutputWriteError(
+            f"{atomic.TargetWriteError(path, os_error)}; the finished shards are kept and nothing half-written is "
+            "left. Fix that (free some space, or choose a writable --output) and rerun the same command to resume."
+        ) from None
+
+
 def write_shard(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
     """Write a shard atomically: a temporary file in the same folder, synced, renamed over the final name once
     complete. An interrupted write (Ctrl-C, a crash) leaves no file under the final name and removes its temporary."""
@@ -294,8 +335,9 @@ def write_shard(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str
 
     tmp = atomic.temporary_sibling(path)
     try:
-        save_file(tensors, str(tmp), metadata=metadata)
-        atomic.replace_file(tmp, path)
+        with output_errors(path):
+            save_file(tensors, str(tmp), metadata=metadata)
+            atomic.replace_file(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
 
@@ -343,7 +385,8 @@ class ManifestWriter:
 
     def write(self, complete: bool = False, summary: Optional[dict] = None) -> dict:
         manifest = self.build(complete, summary)
-        atomic.write_text(self.output / MANIFEST, json.dumps(manifest, indent=1) + "\n")
+        with output_errors(self.output / MANIFEST):
+            atomic.write_text(self.output / MANIFEST, json.dumps(manifest, indent=1) + "\n")
         self.last_write = time.monotonic()
         return manifest
 

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Iterator, Optional
 
 from ..errors import ToolError
+from .files import FileTooLarge, NotARegularFile, read_regular_text
 
 TMP_MARK = ".tmp-"  # temporaries are `.NAME.tmp-<tag>`: hidden, and recognisable as leftovers
 OLD_MARK = ".old-"  # a directory being replaced is parked as `.NAME.old-<tag>` between the two renames
@@ -36,6 +37,11 @@ _REASONS = {
 }
 
 
+def describe_os_error(exc: OSError) -> str:
+    """An OSError's cause in words ("read-only file system", "no space left on device", ...)."""
+    return _REASONS.get(exc.errno) or exc.strerror or str(exc) or type(exc).__name__
+
+
 class TargetWriteError(ToolError):
     """Writing the result failed in the operating system (disk full, read-only, no permission): `path` is what was
     being written, `errno` the cause. The callers say what that means for the target."""
@@ -43,8 +49,17 @@ class TargetWriteError(ToolError):
     def __init__(self, path: Path, exc: OSError):
         self.path = Path(path)
         self.errno = exc.errno
-        self.reason = _REASONS.get(exc.errno) or exc.strerror or str(exc) or type(exc).__name__
+        self.reason = describe_os_error(exc)
         super().__init__(f"{self.reason} while writing {self.path}")
+
+
+class TargetAppeared(ToolError):
+    """Something appeared at the target while the result was being written, and it was not to be replaced: the
+    result was not moved into place and the newcomer was left as it is."""
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        super().__init__(f"{self.path} appeared while the result was being written and is not empty; left as it is")
 
 
 @contextlib.contextmanager
@@ -109,6 +124,26 @@ def fsync_tree(directory: Path) -> None:
         fsync_path(directory)
 
 
+def make_parents(path: Path) -> list[Path]:
+    """Create the missing parent directories of `path`; returns the ones created, deepest first (what
+    `remove_made_parents` may take away again when nothing was put in them)."""
+    made, parent = [], path.parent
+    while not parent.exists() and parent != parent.parent:
+        made.append(parent)
+        parent = parent.parent
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return made
+
+
+def remove_made_parents(made: list[Path]) -> None:
+    """Remove the directories `make_parents` created, deepest first, as long as they are empty."""
+    for directory in made:
+        try:
+            directory.rmdir()
+        except OSError:
+            return
+
+
 @contextlib.contextmanager
 def temporary_directory(path: Path) -> Iterator[Path]:
     """A fresh, empty directory beside `path` (`.NAME.tmp-<random>`, holding only DIR_MARKER) to build a result in;
@@ -127,11 +162,22 @@ def temporary_directory(path: Path) -> Iterator[Path]:
             shutil.rmtree(tmp, ignore_errors=True)
 
 
-def replace_directory(tmp: Path, out: Path) -> None:
-    """Move the finished directory `tmp` to `out`, replacing whatever is there: the old `out` is parked beside it
-    (`.OUT.old-TAG`) until the new one is in place, then removed; if the second rename fails the old one is put
-    back. The files of `tmp` must already be durable (`fsync_tree`); its DIR_MARKER is removed first."""
+def replace_directory(tmp: Path, out: Path, replace: bool = True) -> None:
+    """Move the finished directory `tmp` to `out`. With `replace`, whatever is there is replaced: the old `out` is
+    parked beside it (`.OUT.old-TAG`) until the new one is in place, then removed; if the second rename fails the old
+    one is put back. Without it, one rename that the kernel refuses unless `out` is missing or an empty directory
+    (checked at the rename itself, so nothing that appeared meanwhile is ever replaced): TargetAppeared then. The
+    files of `tmp` must already be durable (`fsync_tree`); its DIR_MARKER is removed first."""
     (tmp / DIR_MARKER).unlink(missing_ok=True)
+    if not replace:
+        try:
+            os.rename(tmp, out)
+        except OSError as exc:
+            if exc.errno in (errno.ENOTEMPTY, errno.EEXIST, errno.ENOTDIR, errno.EISDIR):
+                raise TargetAppeared(out) from None
+            raise
+        fsync_parent(out)
+        return
     if out.is_symlink() or out.exists():
         backup = out.parent / f".{out.name}{OLD_MARK}{uuid.uuid4().hex[:8]}"
         os.rename(out, backup)
@@ -167,10 +213,10 @@ def _leftovers(out: Path, mark: str) -> list[Path]:
 
 def _owner_alive(tmp: Path) -> Optional[bool]:
     """None: not ours (no marker); True: its process still runs on this host; False: a dead run's leftover."""
-    try:
-        host, pid = (tmp / DIR_MARKER).read_text().split()
+    try:  # a regular file of at most a line: a FIFO or a huge file planted under the marker's name is not ours
+        host, pid = read_regular_text(tmp / DIR_MARKER, limit=4096).split()
         pid_n = int(pid)
-    except (OSError, ValueError):
+    except (OSError, ValueError, NotARegularFile, FileTooLarge):
         return None
     if host != socket.gethostname():
         return True  # another machine's run on a shared file system: never ours to judge

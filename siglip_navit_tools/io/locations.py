@@ -2,7 +2,9 @@
 """Where bytes come from: a `Location` (local path or fsspec URL) and exact range reads of one file.
 
 Owns the one transport every source goes through: fsspec, its LocalFileSystem included, so a local path, a
-`file://` URL, `hf://` and `s3://` behave alike. Must not know what the bytes mean (no safetensors, no models) and
+`file://` URL, `hf://` and `s3://` behave alike. A local file is opened only once it is known to be a regular file
+(`io.files`: a FIFO, device or directory named as a config or weight file is refused, never opened into a read that
+blocks), and a whole-file text read is bounded. Must not know what the bytes mean (no safetensors, no models) and
 must never read more than it is asked for: `ByteReader` opens remote files without read-ahead.
 """
 
@@ -14,6 +16,9 @@ import posixpath
 from typing import Any
 
 from ..errors import ToolError
+from .files import FileTooLarge, NotARegularFile, check_regular_file, open_regular_file, read_regular_text
+
+MAX_TEXT_BYTES = 100_000_000  # a config, index or model card larger than this is not one (the header limit too)
 
 
 class LocationError(ToolError):
@@ -98,9 +103,29 @@ class Location:
     def listdir(self) -> list[str]:
         return sorted(posixpath.basename(p.rstrip("/")) for p in self.fs.ls(self.path, detail=False))
 
-    def read_text(self) -> str:
+    def check_regular(self) -> None:
+        """A local path must name a regular file (symlinks followed): LocationError with what it is otherwise, before
+        anything opens it. Remote files are always files."""
+        if not self.is_local:
+            return
+        try:
+            check_regular_file(self.path)
+        except NotARegularFile as exc:
+            raise LocationError(
+                f"{self.display} is {exc}: the source's files must be regular files (a FIFO, device or directory is "
+                "never opened, as reading it could block forever)."
+            ) from None
+
+    def read_text(self, limit: int = MAX_TEXT_BYTES) -> str:
+        """The whole file as UTF-8 text, at most `limit` bytes (FileTooLarge, a ValueError, above it); a local path
+        that is no regular file is NotARegularFile (a ValueError too), never opened."""
+        if self.is_local:
+            return read_regular_text(self.path, limit)
         with self.fs.open(self.path, "rb") as f:
-            return f.read().decode("utf-8")
+            data = f.read(limit + 1)
+        if len(data) > limit:
+            raise FileTooLarge(f"larger than {limit} bytes")
+        return data.decode("utf-8")
 
     def size(self) -> int:
         return int(self.fs.size(self.path))
@@ -121,12 +146,15 @@ class ByteReader:
     for a 29 GB file of which 0.8 GB is wanted is the difference that matters: this one reads only what is asked."""
 
     def __init__(self, loc: Location):
+        loc.check_regular()
         self.loc = loc
         self.size = loc.size()
         self.bytes_read = 0  # what the caller asked for and got (the converter reports it)
         self._f: Any = None
 
     def _file(self) -> Any:
+        if self._f is None and self.loc.is_local:  # checked again on the descriptor, opened non-blocking
+            self._f = open_regular_file(self.loc.path)
         if self._f is None:
             try:  # "none" cache: every read is exactly the requested range (no read-ahead of unwanted bytes)
                 self._f = self.loc.fs.open(self.loc.path, "rb", cache_type="none")

@@ -42,6 +42,9 @@ for _name, _attr in (("F8_E4M3", "float8_e4m3fn"), ("F8_E5M2", "float8_e5m2")):
     if hasattr(torch, _attr):
         DTYPES[_name] = getattr(torch, _attr)
 DTYPE_NAMES = {dtype: name for name, dtype in DTYPES.items()}
+# dtypes safetensors knows that this reader does not (packed sub-byte floats, scale exponents, complex, unsigned):
+# refused as "unsupported", not as a corrupt header.
+KNOWN_UNREAD = ("F4", "F6_E2M3", "F6_E3M2", "F8_E8M0", "C64", "U16", "U32", "U64")
 
 ReadFn = Callable[[int, int], bytes | bytearray]
 
@@ -211,6 +214,11 @@ def parse_header(read: ReadFn, size: int, where: str) -> Header:
         )
     tensors: dict[str, TensorInfo] = {}
     for key, info in header.items():
+        if isinstance(info, dict) and isinstance(info.get("dtype"), str) and info["dtype"] in KNOWN_UNREAD:
+            raise SafetensorsError(
+                f"{where}: tensor {_short(key)} is stored as {info['dtype']}, a safetensors dtype this tool does not "
+                f"read (it reads {', '.join(DTYPES)}). Save the checkpoint in bfloat16, float16 or float32 first."
+            )
         problem = _entry_problem(info)
         if problem is not None:
             raise SafetensorsError(f"{where} has a corrupt safetensors header: tensor {_short(key)}: {problem}.")
