@@ -14,9 +14,8 @@ from _extract_helpers import good_paths, read_outputs, reference
 from siglip_navit_tools import repo_code
 from siglip_navit_tools.extract import distributed
 
-SLOW_RANK_WORKER = ROOT / "tests" / "extract" / "_extract_slow_rank_worker.py"  # slows ranks from outside
-
 ROOT = repo_code.REPO_ROOT
+SLOW_RANK_WORKER = ROOT / "tests" / "extract" / "_extract_slow_rank_worker.py"  # slows ranks from outside
 
 
 def test_claims_hand_every_position_to_exactly_one_claimer_and_runs_do_not_share_counters(monkeypatch):
