@@ -18,7 +18,8 @@ SIZE_FIELD_BOUNDS: dict[str, tuple[int, int]] = {
     "image_size": (1, 65_536),
     "patch_size": (1, 1_024),
 }
-# Cells per side of the position grid (image_size // patch_size; BAGEL: 70). The table has side**2 rows.
+# Cells per side of the position grid (image_size // patch_size; BAGEL: 70). The table has side**2 rows. The ONE owner
+# of this limit: the image processor bounds `max_num_patches_per_side` and every image's patch grid by it too.
 MAX_PATCHES_PER_SIDE = 1_024
 
 
@@ -180,10 +181,11 @@ SiglipVisionConfig = SiglipNaViTConfig
 SiglipNaViTConfig.register_for_auto_class()
 
 __all__ = [
-    "SiglipNaViTConfig",
-    "SiglipVisionConfig",
+    "MAX_PATCHES_PER_SIDE",
     "SIZE_FIELD_BOUNDS",
     "SUPPORTED_ATTN_IMPLEMENTATIONS",
+    "SiglipNaViTConfig",
+    "SiglipVisionConfig",
     "check_attn_implementation",
     "check_config",
     "check_output_attentions",

@@ -9,7 +9,8 @@ and checking its parameters. `siglip-navit-serve` imports the same functions (th
 `siglip_navit_tools.repo_code.handler()`), so both speak one format with one set of limits. The model, the processor
 and the pipeline come from the repo folder itself, through `transformers.pipeline(model=path,
 trust_remote_code=True)` (the task comes from config.json's `custom_pipelines`). It never reads paths or fetches
-URLs named in a request.
+URLs named in a request. The dtype it loads in is the repo's one rule (`pipeline_siglip_navit.default_dtype`: bf16 on
+GPUs and CPUs where bf16 is fast, fp32 elsewhere), read from the repo's own code.
 """
 
 # No `from __future__ import annotations`: Inference Endpoints may exec this file without registering it in sys.modules,
@@ -27,6 +28,7 @@ from typing import Any, Mapping, Optional, Sequence, Union
 import PIL.Image
 import torch
 import transformers
+from transformers.dynamic_module_utils import get_class_from_dynamic_module
 
 # Request parameter -> the pipeline's keyword argument.
 PARAMETERS = {
@@ -39,14 +41,10 @@ PARAMETERS = {
 PAYLOAD_KEYS = ("inputs", "parameters")
 
 
-def _default_dtype() -> torch.dtype:
-    """bf16 on a GPU (BAGEL's weights are bf16), fp32 on a CPU (bf16 is slower there on CPUs without native bf16)."""
-    return torch.bfloat16 if torch.cuda.is_available() else torch.float32
-
-
-def _dtype_kwarg() -> str:
-    """transformers 5.x names it `dtype=`, 4.x `torch_dtype=` (5.x warns on the old name)."""
-    return "dtype" if int(transformers.__version__.split(".")[0]) >= 5 else "torch_dtype"
+def repo_function(folder: str, name: str) -> Any:
+    """A function of the repo's own `pipeline_siglip_navit.py` (e.g. `default_dtype`, the one dtype rule), loaded from
+    `folder` the way transformers loads the pipeline itself (this file has no package to import it from)."""
+    return get_class_from_dynamic_module(f"pipeline_siglip_navit.{name}", folder)
 
 
 # ---- the request format and its limits (shared with `siglip-navit-serve`, which imports this file) ------------
@@ -294,7 +292,9 @@ class EndpointHandler:
     ):
         folder = os.path.abspath(path or ".")
         self.limits = limits if limits is not None else RequestLimits.from_env()
-        kwargs: dict[str, Any] = {_dtype_kwarg(): dtype if dtype is not None else _default_dtype()}
+        if dtype is None:
+            dtype = repo_function(folder, "default_dtype")(device)
+        kwargs: dict[str, Any] = {repo_function(folder, "dtype_kwarg")(): dtype}
         if device is not None:
             kwargs["device"] = device
         self.pipeline = transformers.pipeline(model=folder, trust_remote_code=True, **kwargs)

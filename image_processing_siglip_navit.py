@@ -8,21 +8,26 @@ This file is the ONE place that owns the image <-> pack geometry:
 - `patchify_hwc` / `unpatchify_hwc` (and `patchify` / `unpatchify` for `(C, H, W)`): the patch layout, both ways,
   patches row-major, channel fastest; `pack_to_uint8_images` recovers the resized images from a pack.
 - `position_ids_extrapolate` / `position_ids_interpolate`: BAGEL's two position-id schemes.
-- `build_cu_seqlens`, `unpack_features`: the pack's boundaries, and splitting packed features per image.
+- `build_cu_seqlens`, `unpack_features`, `mean_pool_features`: the pack's boundaries, splitting packed features per
+  image, and each image's float32 mean feature (what the pipeline's `pool=True` and the extractor's `pooled` are).
 
 `SiglipNaViTImageProcessor.__call__` returns exactly the model's forward arguments:
 `packed_pixel_values`, `packed_flattened_position_ids`, `cu_seqlens`, `max_seqlen`, `image_grid_hw`.
 """
 
 import struct
+import textwrap
+import types
 import zlib
 from numbers import Integral
-from typing import Any, Optional, Sequence, Union
+from typing import Any, NamedTuple, Optional, Sequence, Union
 
 import numpy as np
 import PIL.Image
 import torch
 from transformers.image_processing_utils import BaseImageProcessor, BatchFeature
+
+from .configuration_siglip_navit import MAX_PATCHES_PER_SIDE, SIZE_FIELD_BOUNDS
 
 try:  # the TypedDict transformers 5.x reads (`valid_kwargs`) to route `from_pretrained(..., key=value)` kwargs
     from transformers.processing_utils import ImagesKwargs as _ImagesKwargs
@@ -119,7 +124,7 @@ def _bad(index: int, message: str, exc: type = ValueError) -> Exception:
 # What reading / converting one image can raise (PIL's decoders raise most of these for corrupt files).
 _IMAGE_ERRORS = (
     OSError, ValueError, TypeError, RuntimeError, SyntaxError, EOFError, struct.error, zlib.error,
-    PIL.Image.DecompressionBombError,
+    PIL.Image.DecompressionBombError, MemoryError,
 )  # fmt: skip
 
 
@@ -131,7 +136,7 @@ def with_image_index(err: Exception, index: int, replaces: Optional[int] = None)
         return err
 
     def named(text: Any) -> str:
-        text = str(text)
+        text = str(text) or type(err).__name__  # e.g. a bare MemoryError()
         old = f"image {replaces}: "
         return f"image {index}: {text[len(old):] if replaces is not None and text.startswith(old) else text}"
 
@@ -141,6 +146,18 @@ def with_image_index(err: Exception, index: int, replaces: Optional[int] = None)
         return type(err)(named(err))
     except Exception:  # noqa: BLE001 - an exception type that needs other constructor arguments
         return ValueError(f"image {index}: {type(err).__name__}: {err}")
+
+
+def _check_input_pixels(width: int, height: int, index: int, what: str) -> None:
+    """Refuse (a ValueError naming the image) an input too large to be converted: checked before any conversion
+    widens it (a 40000 x 40000 1-bit image would take 4.8 GB as RGB)."""
+    if width * height > MAX_INPUT_PIXELS:
+        raise _bad(
+            index,
+            f"{what} of {width}x{height} (WxH) = {width * height:,} pixels is more than the {MAX_INPUT_PIXELS:,} this "
+            "processor converts (PIL's own decompression-bomb limit; only RGB and 1-bit / 8-bit gray PIL images, "
+            "which need no widening, may be larger). Downscale it first, e.g. with `image.thumbnail((8192, 8192))`.",
+        )
 
 
 def _high_bit_to_8bit(image: PIL.Image.Image, index: int) -> PIL.Image.Image:
@@ -190,6 +207,7 @@ def _array_to_pil(values: np.ndarray, index: int, what: str) -> PIL.Image.Image:
         )
     if values.shape[0] == 0 or values.shape[1] == 0:
         raise _bad(index, f"{what} is empty (shape {tuple(values.shape)}).")
+    _check_input_pixels(values.shape[1], values.shape[0], index, what)
 
     if values.dtype.byteorder not in ("=", "|"):  # big-endian data (e.g. from a file): native order first
         values = values.astype(values.dtype.newbyteorder("="))
@@ -232,6 +250,8 @@ def to_pil(image: Any, index: int = 0) -> PIL.Image.Image:
     if isinstance(image, torch.Tensor):
         if image.is_meta:
             raise _bad(index, "is a tensor on the meta device: it has a shape but no pixel values.")
+        if image.dim() in (2, 3):  # (H, W) or (C, H, W): refused before it is copied or widened
+            _check_input_pixels(image.shape[-1], image.shape[-2], index, "torch tensor")
         tensor = image.detach().cpu()
         if tensor.dim() == 3:
             if tensor.shape[0] not in (1, 2, 3, 4):
@@ -464,49 +484,178 @@ def unpack_features(features: torch.Tensor, grid_hw: Sequence[tuple[int, int]]) 
     ]
 
 
+def mean_pool_features(features: torch.Tensor, grid_hw: Sequence[tuple[int, int]]) -> torch.Tensor:
+    """The mean of each image's patch features in packed `(N, C)` features, computed and returned in float32 whatever
+    the model's dtype: `(k, C)`, one row per image (one reduction per image: deterministic, no atomics)."""
+    return torch.stack([fmap.flatten(0, 1).float().mean(0) for fmap in unpack_features(features, grid_hw)])
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The processor's settings: ONE table
+# --------------------------------------------------------------------------------------------------------------
+# Upper bounds that keep one image's tensors to a sane size (BAGEL: 980 px, 14 px patches, a 70 x 70 table): larger
+# settings are refused when the processor is built, never found out by a multi-GB allocation at the first call. With
+# them no image the processor makes has more than about MAX_PIXELS pixels (the size rule's steps 2 and 3 keep every
+# image within `max_pixels / img_num` and `max_image_size`, up to the stride rounding) nor more than
+# MAX_PATCHES_PER_SIDE patches per side.
+MAX_IMAGE_SIDE = 8192  # pixels: `max_image_size`, `min_image_size`
+MAX_PATCH_SIZE = SIZE_FIELD_BOUNDS["patch_size"][1]  # the model's own bound (1024): `patch_size`, `image_stride`
+MAX_PIXELS = 4096 * 4096  # `max_pixels`, and an image taken as it is (`do_resize=False`)
+MAX_IMG_NUM = 1024  # `img_num` (it only divides the pixel budget: a larger value is a typo, not a setting)
+# An input larger than this (PIL's own decompression-bomb limit, 2 * 89_478_485 pixels) is refused before it is
+# widened by a conversion; RGB inputs need none, and 1-bit / 8-bit gray ones are first resized in their own mode.
+MAX_INPUT_PIXELS = 178_956_970
+
+
+class Setting(NamedTuple):
+    """One processor setting: its type, default, accepted values and what it does."""
+
+    type: type  # int (a positive integer), bool or str
+    default: Any
+    limit: Any  # int: the largest accepted value; str: the accepted values; bool: None
+    doc: str
+
+
+# THE declaration of the processor's settings: `__init__`, the TypedDict transformers 5.x routes `from_pretrained`
+# kwargs through, the validation of every call's overrides, the saved keys and the class docstring all come from it.
+SETTINGS: dict[str, Setting] = {
+    "max_image_size": Setting(int, BAGEL_VIT_MAX_IMAGE_SIZE, MAX_IMAGE_SIDE,
+                              "longest side after resizing (BAGEL's ViT `max_image_size`)."),
+    "min_image_size": Setting(int, BAGEL_VIT_MIN_IMAGE_SIZE, MAX_IMAGE_SIDE,
+                              "shortest side is scaled up to at least this (step 1 of the rule)."),
+    "image_stride": Setting(int, BAGEL_VIT_IMAGE_STRIDE, MAX_PATCH_SIZE,
+                            "both sides are snapped to multiples of it; must equal `patch_size`."),
+    "max_pixels": Setting(int, BAGEL_MAX_PIXELS, MAX_PIXELS,
+                          "pixel budget of one image (divided by `img_num`); BAGEL's is 14 * 14 * 9 * 1024."),
+    "img_num": Setting(int, 1, MAX_IMG_NUM,
+                       "BAGEL's `img_num` setting (divides the pixel budget) -- NOT the number of images in a call."),
+    "patch_size": Setting(int, BAGEL_VIT_IMAGE_STRIDE, MAX_PATCH_SIZE, "the model's patch size."),
+    "max_num_patches_per_side": Setting(int, BAGEL_MAX_NUM_PATCHES_PER_SIDE, MAX_PATCHES_PER_SIDE,
+                                        "the model's `image_size // patch_size` (27 for a 384 px stock SigLIP); the "
+                                        "position-id row stride."),
+    "position_id_mode": Setting(str, "extrapolate", POSITION_ID_MODES,
+                                '`"extrapolate"` (BAGEL\'s default: patch (i, j) -> `i * M + j`) or `"interpolate"` '
+                                "(the image's grid is stretched over the whole M x M table)."),
+    "bagel_interleaved_resize": Setting(bool, False, None,
+                                        "first resize every image with BAGEL's VAE-side rule (max 1024, min 512, "
+                                        "stride 16), as BAGEL's interleaved inference path does, then the ViT rule."),
+    "do_resize": Setting(bool, True, None,
+                         "`False` takes images as they are; both sides must then be multiples of `patch_size`."),
+}  # fmt: skip
+_PYTHON_TYPES = {int: "int", bool: "bool", str: "str"}
+
+# The TypedDict transformers 5.x reads (`valid_kwargs`) to route `from_pretrained(..., key=value)` kwargs, built from
+# the table (a class body would name every setting a second time).
+SiglipNaViTImagesKwargs = types.new_class(
+    "SiglipNaViTImagesKwargs",
+    (_ImagesKwargs,),
+    {"total": False},
+    lambda ns: ns.update(
+        __annotations__={name: spec.type for name, spec in SETTINGS.items()},
+        __doc__="Settings of `SiglipNaViTImageProcessor` (transformers 5.x routes `from_pretrained` kwargs through "
+        "this); see `SETTINGS`.",
+        __module__=__name__,
+    ),
+)
+
+
+def _settings_docs() -> str:
+    """The class docstring's `Args:` section, from the table."""
+    lines = ["    Args:"]
+    for name, spec in SETTINGS.items():
+        default = f'"{spec.default}"' if spec.type is str else f"{spec.default:,}" if spec.type is int else spec.default
+        bound = f", at most {spec.limit:,}" if spec.type is int else ""
+        text = f"{name} (`{_PYTHON_TYPES[spec.type]}`, defaults to {default}{bound}): {spec.doc}"
+        lines += textwrap.wrap(text, 116, initial_indent=" " * 8, subsequent_indent=" " * 12)
+    return "\n".join(lines)
+
+
+def _checked_setting(name: str, value: Any) -> Any:
+    """`value` of setting `name`, checked against the table (a ValueError naming the setting otherwise)."""
+    spec = SETTINGS[name]
+    if spec.type is int:
+        if not isinstance(value, Integral) or isinstance(value, bool) or value <= 0:
+            raise ValueError(f"SiglipNaViTImageProcessor: `{name}` must be a positive integer, got {value!r}.")
+        if value > spec.limit:
+            raise ValueError(
+                f"SiglipNaViTImageProcessor: `{name}` = {value} is more than the supported {spec.limit} "
+                "(BAGEL's tower: 980 px images, 14 px patches, a 70 x 70 position table)."
+            )
+        return int(value)
+    if spec.type is bool:
+        if not isinstance(value, (bool, np.bool_)):
+            raise ValueError(f"SiglipNaViTImageProcessor: `{name}` must be True or False, got {value!r}.")
+        return bool(value)
+    if not isinstance(value, str) or value not in spec.limit:  # (an array would compare element by element)
+        raise ValueError(f"SiglipNaViTImageProcessor: `{name}` must be one of {spec.limit}, got {value!r}.")
+    return value
+
+
+def _check_setting_relations(s: dict) -> None:
+    """The checks between settings (each one already checked on its own): a ValueError naming them."""
+    if s["image_stride"] != s["patch_size"]:
+        raise ValueError(
+            f"SiglipNaViTImageProcessor: `image_stride` ({s['image_stride']}) must equal `patch_size` "
+            f"({s['patch_size']}): the resize rule snaps both sides to multiples of the stride, and the model "
+            "cuts them into patch_size patches."
+        )
+    if not s["do_resize"]:
+        return
+    longest = bagel_fit(s["max_image_size"], s["image_stride"]) // s["patch_size"]
+    if longest > MAX_PATCHES_PER_SIDE:
+        raise ValueError(
+            f"SiglipNaViTImageProcessor: `max_image_size` {s['max_image_size']} with `patch_size` "
+            f"{s['patch_size']} gives up to {longest} patches per side, more than the supported "
+            f"{MAX_PATCHES_PER_SIDE}."
+        )
+    if s["position_id_mode"] == "extrapolate" and longest > s["max_num_patches_per_side"]:
+        raise ValueError(
+            f"SiglipNaViTImageProcessor: `max_image_size` {s['max_image_size']} gives up to {longest} "
+            f"patches per side, more than `max_num_patches_per_side` ({s['max_num_patches_per_side']}, the "
+            "model's image_size // patch_size) allows in 'extrapolate' mode. Set max_image_size <= "
+            f"{s['max_num_patches_per_side'] * s['patch_size']} (e.g. 378 for a 384 px SigLIP)."
+        )
+
+
+def _check_grid(width: int, height: int, index: int, s: dict) -> None:
+    """A `width x height` image fits the position table in 'extrapolate' mode (a ValueError naming it otherwise)."""
+    grid_h, grid_w = height // s["patch_size"], width // s["patch_size"]
+    m = s["max_num_patches_per_side"]
+    if s["position_id_mode"] == "extrapolate" and (grid_h > m or grid_w > m):
+        raise ValueError(
+            f"image {index}: its {grid_h}x{grid_w} patch grid exceeds the model's {m}x{m} position table "
+            "('extrapolate' mode); resize it smaller or use position_id_mode='interpolate'."
+        )
+
+
+def _check_as_is(width: int, height: int, index: int, s: dict) -> None:
+    """An image taken as it is (`do_resize=False`) can be cut into patches and is not too large, checked before it is
+    converted."""
+    p = s["patch_size"]
+    if width % p or height % p:
+        raise ValueError(
+            f"image {index}: with do_resize=False both sides must be multiples of patch_size {p}, got "
+            f"{width}x{height} (WxH). Resize or crop it first, or leave do_resize=True."
+        )
+    _check_grid(width, height, index, s)
+    if width * height > MAX_PIXELS or max(width, height) // p > MAX_PATCHES_PER_SIDE:
+        raise ValueError(
+            f"image {index}: with do_resize=False it is used as it is, and {width}x{height} (WxH) = "
+            f"{width * height:,} pixels ({height // p}x{width // p} patches) is more than the supported "
+            f"{MAX_PIXELS:,} pixels and {MAX_PATCHES_PER_SIDE} patches per side. Resize it first, or leave "
+            "do_resize=True."
+        )
+
+
+def _is_plain_gray(image: PIL.Image.Image) -> bool:
+    """A 1-bit or 8-bit gray image without a transparency entry: BAGEL's RGB rule converts it channel by channel, so
+    resizing it before the conversion gives the same pixels."""
+    return image.mode in ("1", "L") and image.info.get("transparency", None) is None
+
+
 # --------------------------------------------------------------------------------------------------------------
 # The processor
 # --------------------------------------------------------------------------------------------------------------
-class SiglipNaViTImagesKwargs(_ImagesKwargs, total=False):
-    """Settings of `SiglipNaViTImageProcessor` (transformers 5.x routes `from_pretrained` kwargs through this)."""
-
-    max_image_size: int
-    min_image_size: int
-    image_stride: int
-    max_pixels: int
-    img_num: int
-    patch_size: int
-    max_num_patches_per_side: int
-    position_id_mode: str
-    bagel_interleaved_resize: bool
-
-
-_SETTINGS = (
-    "max_image_size",
-    "min_image_size",
-    "image_stride",
-    "max_pixels",
-    "img_num",
-    "patch_size",
-    "max_num_patches_per_side",
-    "position_id_mode",
-    "bagel_interleaved_resize",
-    "do_resize",
-)
-_INT_SETTINGS = _SETTINGS[:7]
-# Upper bounds that keep one image's tensors to a sane size (BAGEL: 980 px, a 70 x 70 table): larger settings are
-# refused when the processor is built, not found out by a multi-GB allocation at the first call.
-MAX_IMAGE_SIDE = 8192  # pixels: `max_image_size`, `min_image_size`, `patch_size`
-MAX_GRID_SIDE = 1024  # patches per side: `max_num_patches_per_side`, and any image's grid
-_SETTING_LIMITS = {
-    "max_image_size": MAX_IMAGE_SIDE,
-    "min_image_size": MAX_IMAGE_SIDE,
-    "patch_size": MAX_IMAGE_SIDE,
-    "image_stride": MAX_IMAGE_SIDE,
-    "max_num_patches_per_side": MAX_GRID_SIDE,
-}
-
-
 class SiglipNaViTImageProcessor(BaseImageProcessor):
     r"""
     Turns one image or a list of images into ONE packed batch for `SiglipVisionModel`, with BAGEL's ViT transform.
@@ -521,27 +670,11 @@ class SiglipNaViTImageProcessor(BaseImageProcessor):
     - `max_seqlen`: the longest image's patch count (0-d int64 tensor with `return_tensors="pt"`, else an int);
     - `image_grid_hw`: int64 `(k, 2)`, each image's patch rows and columns.
 
-    `unpack(features, inputs)` splits the model's packed output back into one `(h, w, C)` map per image.
-
-    Args:
-        max_image_size (`int`, defaults to 980): longest side after resizing (BAGEL's ViT `max_image_size`).
-        min_image_size (`int`, defaults to 224): shortest side is scaled up to at least this (step 1 of the rule).
-        image_stride (`int`, defaults to 14): both sides are snapped to multiples of it; must equal `patch_size`.
-        max_pixels (`int`, defaults to 1_806_336 = 14 * 14 * 9 * 1024): pixel budget of one image (divided by
-            `img_num`).
-        img_num (`int`, defaults to 1): BAGEL's `img_num` setting (divides the pixel budget) -- NOT the number of
-            images in a call.
-        patch_size (`int`, defaults to 14): the model's patch size.
-        max_num_patches_per_side (`int`, defaults to 70): the model's `image_size // patch_size` (27 for a 384 px
-            stock SigLIP); the position-id row stride.
-        position_id_mode (`str`, defaults to `"extrapolate"`): `"extrapolate"` (BAGEL's default: patch (i, j) ->
-            `i * M + j`) or `"interpolate"` (the image's grid is stretched over the whole M x M table).
-        bagel_interleaved_resize (`bool`, defaults to `False`): first resize every image with BAGEL's VAE-side rule
-            (max 1024, min 512, stride 16), as BAGEL's interleaved inference path does, then apply the ViT rule.
-        do_resize (`bool`, defaults to `True`): `False` takes images as they are; both sides must then be multiples
-            of `patch_size`.
+    `unpack(features, inputs)` splits the model's packed output back into one `(h, w, C)` map per image;
+    `mean_pool(features, inputs)` gives each image's mean feature, float32 `(k, C)`.
 
     Every setting can also be overridden for one call: `processor(images, max_pixels=..., return_tensors="pt")`.
+    The settings (one line each, from `SETTINGS`, the one table they are declared in) follow.
     """
 
     model_input_names = [
@@ -553,86 +686,29 @@ class SiglipNaViTImageProcessor(BaseImageProcessor):
     ]
     valid_kwargs = SiglipNaViTImagesKwargs
 
-    def __init__(
-        self,
-        max_image_size: int = BAGEL_VIT_MAX_IMAGE_SIZE,
-        min_image_size: int = BAGEL_VIT_MIN_IMAGE_SIZE,
-        image_stride: int = BAGEL_VIT_IMAGE_STRIDE,
-        max_pixels: int = BAGEL_MAX_PIXELS,
-        img_num: int = 1,
-        patch_size: int = BAGEL_VIT_IMAGE_STRIDE,
-        max_num_patches_per_side: int = BAGEL_MAX_NUM_PATCHES_PER_SIDE,
-        position_id_mode: str = "extrapolate",
-        bagel_interleaved_resize: bool = False,
-        do_resize: bool = True,
-        **kwargs,
-    ):
+    def __init__(self, **kwargs: Any):
         # Keys the saved JSON carries for transformers' bookkeeping; never settings of ours.
         kwargs.pop("image_processor_type", None)
+        settings = {name: kwargs.pop(name, spec.default) for name, spec in SETTINGS.items()}
         super().__init__(**kwargs)
-        self.max_image_size = max_image_size
-        self.min_image_size = min_image_size
-        self.image_stride = image_stride
-        self.max_pixels = max_pixels
-        self.img_num = img_num
-        self.patch_size = patch_size
-        self.max_num_patches_per_side = max_num_patches_per_side
-        self.position_id_mode = position_id_mode
-        self.bagel_interleaved_resize = bagel_interleaved_resize
-        self.do_resize = do_resize
+        for name, value in settings.items():
+            setattr(self, name, value)
         self._resolve_settings({})
 
     # ---- settings --------------------------------------------------------------------------------------------
     def _resolve_settings(self, overrides: dict) -> dict:
         """This processor's settings with one call's `overrides`, validated (every call: transformers 4.x sets
         `from_pretrained` kwargs as attributes after `__init__`)."""
-        unknown = sorted(set(overrides) - set(_SETTINGS))
+        unknown = sorted(set(overrides) - set(SETTINGS))
         if unknown:
             raise TypeError(
                 f"SiglipNaViTImageProcessor got unexpected keyword argument(s) {unknown}; valid: "
-                f"{', '.join(_SETTINGS)}, return_tensors."
+                f"{', '.join(SETTINGS)}, return_tensors."
             )
-        s = {name: getattr(self, name) for name in _SETTINGS}
+        s = {name: getattr(self, name) for name in SETTINGS}
         s.update({k: v for k, v in overrides.items() if v is not None})
-        for name in _INT_SETTINGS:
-            value = s[name]
-            if not isinstance(value, Integral) or isinstance(value, bool) or value <= 0:
-                raise ValueError(f"SiglipNaViTImageProcessor: `{name}` must be a positive integer, got {value!r}.")
-            if name in _SETTING_LIMITS and value > _SETTING_LIMITS[name]:
-                raise ValueError(
-                    f"SiglipNaViTImageProcessor: `{name}` = {value} is more than the supported {_SETTING_LIMITS[name]} "
-                    "(BAGEL's tower: 980 px images, 14 px patches, a 70 x 70 position table)."
-                )
-            s[name] = int(value)
-        for name in ("bagel_interleaved_resize", "do_resize"):
-            if not isinstance(s[name], (bool, np.bool_)):
-                raise ValueError(f"SiglipNaViTImageProcessor: `{name}` must be True or False, got {s[name]!r}.")
-            s[name] = bool(s[name])
-        if s["position_id_mode"] not in POSITION_ID_MODES:
-            raise ValueError(
-                f"SiglipNaViTImageProcessor: `position_id_mode` must be one of {POSITION_ID_MODES}, got "
-                f"{s['position_id_mode']!r}."
-            )
-        if s["image_stride"] != s["patch_size"]:
-            raise ValueError(
-                f"SiglipNaViTImageProcessor: `image_stride` ({s['image_stride']}) must equal `patch_size` "
-                f"({s['patch_size']}): the resize rule snaps both sides to multiples of the stride, and the model "
-                "cuts them into patch_size patches."
-            )
-        longest = bagel_fit(s["max_image_size"], s["image_stride"]) // s["patch_size"]
-        if s["do_resize"] and longest > MAX_GRID_SIDE:
-            raise ValueError(
-                f"SiglipNaViTImageProcessor: `max_image_size` {s['max_image_size']} with `patch_size` "
-                f"{s['patch_size']} gives up to {longest} patches per side, more than the supported {MAX_GRID_SIDE}."
-            )
-        if s["position_id_mode"] == "extrapolate" and s["do_resize"]:
-            if longest > s["max_num_patches_per_side"]:
-                raise ValueError(
-                    f"SiglipNaViTImageProcessor: `max_image_size` {s['max_image_size']} gives up to {longest} "
-                    f"patches per side, more than `max_num_patches_per_side` ({s['max_num_patches_per_side']}, the "
-                    "model's image_size // patch_size) allows in 'extrapolate' mode. Set max_image_size <= "
-                    f"{s['max_num_patches_per_side'] * s['patch_size']} (e.g. 378 for a 384 px SigLIP)."
-                )
+        s = {name: _checked_setting(name, value) for name, value in s.items()}
+        _check_setting_relations(s)
         return s
 
     @classmethod
@@ -655,8 +731,8 @@ class SiglipNaViTImageProcessor(BaseImageProcessor):
         values stay (BAGEL divides max_pixels = 1_806_336 by img_num, so lowering it would change results for
         img_num > 1).
         """
-        defaults = cls().to_dict()
-        d = dict(template) if template is not None else {k: defaults[k] for k in _SETTINGS}
+        defaults = {name: spec.default for name, spec in SETTINGS.items()}
+        d = dict(template) if template is not None else dict(defaults)
         # no "image_processor_type": auto_map alone selects the class, and with that key transformers 4.49 warns
         # about a "slow" image processor on every load
         for bookkeeping in ("image_processor_type", "auto_map"):
@@ -741,28 +817,29 @@ class SiglipNaViTImageProcessor(BaseImageProcessor):
     concatenate_packs = staticmethod(concatenate_packs)
     with_image_index = staticmethod(with_image_index)
 
+    def _resized(self, image: PIL.Image.Image, s: dict) -> PIL.Image.Image:
+        """`image` resized by the size rule (after BAGEL's VAE-side resize with `bagel_interleaved_resize`)."""
+        if s["bagel_interleaved_resize"]:
+            image = resize_bicubic(image, *self._vae_size(*image.size))
+        return resize_bicubic(image, *self._vit_size(*image.size, s))
+
     def _image_to_uint8(self, image: Any, index: int, s: dict) -> np.ndarray:
-        """One input -> its resized (H, W, 3) uint8 pixels."""
-        pil = to_rgb_pil(image, index)
-        if s["do_resize"]:
-            if s["bagel_interleaved_resize"]:
-                pil = resize_bicubic(pil, *self._vae_size(*pil.size))
-            pil = resize_bicubic(pil, *self._vit_size(*pil.size, s))
-        width, height = pil.size
+        """One input -> its resized (H, W, 3) uint8 pixels. Nothing is widened before it is known to fit: arrays
+        above MAX_INPUT_PIXELS are refused by `to_pil`, PIL images that need a conversion here; an image taken as it is
+        (`do_resize=False`) is checked before it is converted; a huge 1-bit or 8-bit gray image is resized in its own
+        mode first (exact: BAGEL's convert-then-resize gives the same pixels, each RGB channel being the gray one)."""
+        pil = to_pil(image, index)
         if not s["do_resize"]:
-            p = s["patch_size"]
-            if width % p or height % p:
-                raise ValueError(
-                    f"image {index}: with do_resize=False both sides must be multiples of patch_size {p}, got "
-                    f"{width}x{height} (WxH). Resize or crop it first, or leave do_resize=True."
-                )
-        grid_h, grid_w = height // s["patch_size"], width // s["patch_size"]
-        m = s["max_num_patches_per_side"]
-        if s["position_id_mode"] == "extrapolate" and (grid_h > m or grid_w > m):
-            raise ValueError(
-                f"image {index}: its {grid_h}x{grid_w} patch grid exceeds the model's {m}x{m} position table "
-                "('extrapolate' mode); resize it smaller or use position_id_mode='interpolate'."
-            )
+            _check_as_is(pil.width, pil.height, index, s)
+            return np.asarray(to_rgb_pil(pil, index))
+        if pil.width * pil.height > MAX_INPUT_PIXELS and _is_plain_gray(pil):
+            gray = pil if pil.mode == "L" else pil.convert("L")  # "1" -> 0 / 255, as its convert("RGB") does
+            pil = to_rgb_pil(self._resized(gray, s), index)
+        else:
+            if pil.mode != "RGB" or pil.info.get("transparency", None) is not None:  # a conversion: never when huge
+                _check_input_pixels(pil.width, pil.height, index, f"a PIL mode {pil.mode!r} image")
+            pil = self._resized(to_rgb_pil(pil, index), s)
+        _check_grid(pil.width, pil.height, index, s)
         return np.asarray(pil)
 
     def preprocess(self, images: Any = None, return_tensors: Optional[str] = None, **kwargs) -> BatchFeature:
@@ -837,7 +914,14 @@ class SiglipNaViTImageProcessor(BaseImageProcessor):
             return [unpack_features(f, grid) for f in features]
         return unpack_features(features, grid)
 
+    def mean_pool(self, features: torch.Tensor, inputs: Any) -> torch.Tensor:
+        """Each image's mean patch feature, float32 `(k, C)` whatever the model's dtype (BAGEL's tower has no pooling
+        head): what the pipeline's `pool=True` and the extractor's `pooled` tensor are. `features`: a packed `(N, C)`
+        `last_hidden_state`; `inputs`: what this processor returned, or the `(k, 2)` grid itself."""
+        return mean_pool_features(features, _grid_from(inputs))
 
+
+SiglipNaViTImageProcessor.__doc__ = SiglipNaViTImageProcessor.__doc__.rstrip() + "\n\n" + _settings_docs() + "\n"
 SiglipNaViTImageProcessor.register_for_auto_class("AutoImageProcessor")
 
 __all__ = [
@@ -860,5 +944,6 @@ __all__ = [
     "build_cu_seqlens",
     "concatenate_packs",
     "unpack_features",
+    "mean_pool_features",
     "with_image_index",
 ]

@@ -4,8 +4,12 @@
 Remote code, registered through `custom_pipelines` in config.json (transformers resolves it with
 `get_class_from_dynamic_module`, on 4.49 and 5.x alike). It owns the pipeline's call: options, grouping images into
 packs (at most `batch_size` images and `max_patches_per_batch` patches per forward, in input order) and the output
-nesting. Everything about the image <-> pack geometry stays in the image processor (`concatenate_packs`, `unpack`);
-this file never pads, never recomputes a grid, and imports only torch, transformers and PIL.
+nesting. Everything about the image <-> pack geometry stays in the image processor (`concatenate_packs`, `unpack`,
+`mean_pool`); this file never pads, never recomputes a grid, and imports only torch, transformers and PIL.
+
+It also owns THE dtype rule for loading the repo (`default_dtype(device)`: bf16 where bf16 is fast, fp32 elsewhere,
+with the CPU's bf16 detection) and the name of from_pretrained's dtype argument (`dtype_kwarg()`): `handler.py` asks
+the repo's own copy of this file for both, and the tools (`siglip_navit_tools.cpu`, `.compat`) delegate to it.
 """
 
 from __future__ import annotations
@@ -13,10 +17,12 @@ from __future__ import annotations
 import collections.abc
 import copy
 import os
+from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Optional, TypeVar, Union
 
 import PIL.Image
 import torch
+import transformers
 from transformers import AutoImageProcessor
 from transformers.dynamic_module_utils import custom_object_save
 from transformers.image_utils import load_image
@@ -38,6 +44,68 @@ CALL_PARAMETERS = (
 )  # fmt: skip
 
 
+# --------------------------------------------------------------------------------------------------------------
+# Loading: the one dtype rule
+# --------------------------------------------------------------------------------------------------------------
+NATIVE_BF16 = "native bf16 (AMX)", "native bf16 (AVX512_BF16)"
+EMULATED_BF16 = "no native bf16 (AVX2 or older: bf16 is emulated)"
+
+
+def _cpuinfo_flags() -> set[str]:
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return set()
+    for line in text.splitlines():
+        if line.startswith("flags"):
+            return set(line.split(":", 1)[1].split())
+    return set()
+
+
+def cpu_bf16_support() -> str:
+    """One of NATIVE_BF16 (AMX first) or EMULATED_BF16, from torch's own CPU probes (Linux flags as fallback).
+
+    CPUs with native bf16 matrix units (AMX, AVX512_BF16) run the tower's Linear layers in bf16 several times faster
+    than fp32; on AVX2-only CPUs bf16 is emulated and 4-6x SLOWER."""
+    amx = getattr(torch.cpu, "_is_amx_tile_supported", None)
+    avx512_bf16 = getattr(torch.cpu, "_is_avx512_bf16_supported", None)
+    flags = _cpuinfo_flags() if amx is None or avx512_bf16 is None else set()
+    if (amx() if amx is not None else "amx_bf16" in flags):
+        return NATIVE_BF16[0]
+    if (avx512_bf16() if avx512_bf16 is not None else "avx512_bf16" in flags):
+        return NATIVE_BF16[1]
+    return EMULATED_BF16
+
+
+def default_dtype(device: Union[str, int, torch.device, None] = None) -> torch.dtype:
+    """THE dtype to load this repo in on `device`: bf16 where it is fast (CUDA devices that support it, CPUs with
+    native bf16), else fp32. None means the device transformers' `pipeline()` picks: cuda:0 when CUDA is available,
+    else the CPU."""
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if isinstance(device, int) and device < 0:  # transformers' old spelling of the CPU
+        device = "cpu"
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float32
+    if device.type == "cpu":
+        return torch.bfloat16 if cpu_bf16_support() in NATIVE_BF16 else torch.float32
+    return torch.float32
+
+
+def transformers_major() -> int:
+    """The installed transformers' major version (4 or 5: both are supported)."""
+    return int(transformers.__version__.split(".")[0])
+
+
+def dtype_kwarg() -> str:
+    """from_pretrained's dtype argument: `dtype=` on transformers 5.x, `torch_dtype=` on 4.x (5.x warns on it)."""
+    return "dtype" if transformers_major() >= 5 else "torch_dtype"
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The pipeline
+# --------------------------------------------------------------------------------------------------------------
 def group_in_order(
     items: Iterable[T], size: Callable[[T], int], max_items: Optional[int], max_size: Optional[int]
 ) -> Iterator[list[T]]:
@@ -131,8 +199,9 @@ class SiglipNaViTFeatureExtractionPipeline(Pipeline):
     model's forward on that image alone.
 
     Pooling: BAGEL's tower has no attention-pooling head (SigLIP's `head` is not part of it), so `pool=True` is a
-    plain mean over the image's patch features (of `last_hidden_state`, after the post-layernorm), computed in
-    float32 and returned in the model's dtype.
+    plain mean over the image's patch features (of `last_hidden_state`, after the post-layernorm), computed AND
+    returned in float32 whatever the model's dtype (the image processor's `mean_pool`: the same numbers as
+    `extract_features.py`'s `pooled`).
 
     Args (per call, or at construction as defaults):
         batch_size (`int`, *optional*): most images per forward.
@@ -155,7 +224,7 @@ class SiglipNaViTFeatureExtractionPipeline(Pipeline):
         _positive_int_or_none("batch_size", self._batch_size)
         if self.image_processor is None:
             self.image_processor = _load_image_processor(self.model)
-        if not all(hasattr(self.image_processor, name) for name in ("concatenate_packs", "unpack")):
+        if not all(hasattr(self.image_processor, name) for name in ("concatenate_packs", "unpack", "mean_pool")):
             raise TypeError(
                 f"SiglipNaViTFeatureExtractionPipeline needs the SiglipNaViTImageProcessor (it packs and unpacks "
                 f"images), got {type(self.image_processor).__name__}"
@@ -277,10 +346,10 @@ class SiglipNaViTFeatureExtractionPipeline(Pipeline):
     def postprocess(
         self, grid_features: torch.Tensor, pool: bool = False, return_grid: bool = False, return_tensors: bool = False
     ) -> Any:
-        """One image's `(h, w, C)` features -> `(1, n, C)`, `(1, C)` (pool) or `(h, w, C)` (return_grid)."""
+        """One image's `(h, w, C)` features -> `(1, n, C)`, `(1, C)` float32 (pool) or `(h, w, C)` (return_grid)."""
         h, w, c = grid_features.shape
-        if pool:
-            out = grid_features.reshape(h * w, c).float().mean(dim=0, keepdim=True).to(grid_features.dtype)
+        if pool:  # the processor's mean: float32, the same numbers as the extractor's `pooled`
+            out = self.image_processor.mean_pool(grid_features.reshape(h * w, c), [(h, w)])
         elif return_grid:
             out = grid_features
         else:
@@ -290,4 +359,15 @@ class SiglipNaViTFeatureExtractionPipeline(Pipeline):
         return out.tolist()
 
 
-__all__ = ["CUSTOM_PIPELINES", "SiglipNaViTFeatureExtractionPipeline", "group_in_order", "open_image"]
+__all__ = [
+    "CUSTOM_PIPELINES",
+    "EMULATED_BF16",
+    "NATIVE_BF16",
+    "SiglipNaViTFeatureExtractionPipeline",
+    "cpu_bf16_support",
+    "default_dtype",
+    "dtype_kwarg",
+    "group_in_order",
+    "open_image",
+    "transformers_major",
+]

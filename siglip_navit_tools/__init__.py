@@ -4,6 +4,7 @@
 Owns everything that is NOT remote code. Must never be copied into a converted repo, and the remote-code files
 at the repo root must never import it (they import only torch, transformers, numpy, PIL and each other).
 
+    errors     the user-facing error types (ToolError, ConversionError, UsageError): the bottom layer
     io         locations + range reads, the safetensors header parser, hashed streaming writer, atomic replace
     convert    checkpoint sources -> plan -> written + verified Hub repo
     extract    token-budget packed feature extraction into resumable shards

@@ -12,9 +12,12 @@ from __future__ import annotations
 import copy
 import importlib
 import importlib.util
+import json
 import sys
 from pathlib import Path
 from types import ModuleType
+
+from .io.files import read_regular_text
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = "siglip_navit"
@@ -27,11 +30,6 @@ HANDLER_FILE = "handler.py"  # Inference Endpoints imports it as a top-level mod
 # What `trust_remote_code=True` runs (the package members), and what a converted repo ships.
 REMOTE_CODE_FILES = (CONFIG_FILE, MODELING_FILE, PACKING_FILE, PROCESSING_FILE, PIPELINE_FILE)
 HUB_CODE_FILES = REMOTE_CODE_FILES + (HANDLER_FILE,)
-CONFIG_AUTO_MAP = {
-    "AutoConfig": "configuration_siglip_navit.SiglipNaViTConfig",
-    "AutoModel": "modeling_siglip_navit.SiglipVisionModel",
-}
-PROCESSOR_AUTO_MAP = {"AutoImageProcessor": "image_processing_siglip_navit.SiglipNaViTImageProcessor"}
 
 
 def _package() -> str:
@@ -75,6 +73,38 @@ def handler() -> ModuleType:
     """`handler.py`: the request format and its limits (the server decodes requests with it). It has no relative
     imports, so it loads as a member of the package too."""
     return module(Path(HANDLER_FILE).stem)
+
+
+def auto_map(*classes: type) -> dict[str, str]:
+    """An `auto_map` entry for remote-code `classes`, read off what each registered itself as (the
+    `register_for_auto_class` call at the end of its file is the ONE place that says it): {"AutoModel":
+    "modeling_siglip_navit.SiglipVisionModel", ...}."""
+    entries = {}
+    for cls in classes:
+        if getattr(cls, "_auto_class", None) is None:
+            raise ValueError(f"{cls.__name__} is not registered for an Auto class (register_for_auto_class)")
+        entries[cls._auto_class] = f"{cls.__module__.rsplit('.', 1)[-1]}.{cls.__name__}"
+    return entries
+
+
+def config_auto_map() -> dict[str, str]:
+    """config.json's `auto_map`: the configuration and the model class."""
+    return auto_map(configuration().SiglipNaViTConfig, modeling().SiglipVisionModel)
+
+
+def processor_auto_map() -> dict[str, str]:
+    """preprocessor_config.json's `auto_map`: the image processor class."""
+    return auto_map(image_processing().SiglipNaViTImageProcessor)
+
+
+def architectures() -> list[str]:
+    """config.json's `architectures`: the model class's name."""
+    return [modeling().SiglipVisionModel.__name__]
+
+
+def template_config() -> dict:
+    """The repo root's config.json: BAGEL-7B-MoT's tower as BAGEL runs it (the ONE place its geometry is written)."""
+    return json.loads(read_regular_text(REPO_ROOT / "config.json"))
 
 
 def custom_pipelines() -> dict:

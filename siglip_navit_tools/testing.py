@@ -22,9 +22,12 @@ from . import repo_code
 from .compat import dtype_kwarg, transformers_major  # noqa: F401  (re-exported for tests and scripts)
 
 BAGEL_VIT_PREFIX = "vit_model."
+_TEMPLATE = repo_code.template_config()  # the repo root's config.json: BAGEL-7B-MoT's tower, written once
 # BAGEL-7B-MoT's vit_config.json geometry (patch 14, 980 px = a 70 x 70 position table) at a small width. As in
 # BAGEL's own file, num_hidden_layers there says one layer more than the checkpoint stores (BAGEL drops the last).
-BAGEL_GEOMETRY = dict(patch_size=14, image_size=980, model_type="siglip_vision_model")
+BAGEL_GEOMETRY = dict(
+    patch_size=_TEMPLATE["patch_size"], image_size=_TEMPLATE["image_size"], model_type="siglip_vision_model"
+)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -33,9 +36,12 @@ BAGEL_GEOMETRY = dict(patch_size=14, image_size=980, model_type="siglip_vision_m
 # A 2-layer model on a 6x6 patch grid (patch 4, 24 px): heads of 8 dims so RoPE halves are 4-wide.
 TINY = dict(hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4, num_channels=3,
             image_size=24, patch_size=4, rope=False)  # fmt: skip
-# BAGEL-7B-MoT's tower as BAGEL runs it (so400m/14, 980 px, 26 layers, learned positions).
-BAGEL_VIT = dict(hidden_size=1152, intermediate_size=4304, num_attention_heads=16, num_hidden_layers=26,
-                 patch_size=14, image_size=980, rope=False)  # fmt: skip
+# BAGEL-7B-MoT's tower as BAGEL runs it (so400m/14, 980 px, 26 layers, learned positions), from config.json.
+BAGEL_VIT = {
+    name: _TEMPLATE[name]
+    for name in ("hidden_size", "intermediate_size", "num_attention_heads", "num_hidden_layers", "patch_size",
+                 "image_size", "rope")
+}  # fmt: skip
 
 
 def tiny_config(**overrides):
@@ -118,7 +124,7 @@ def build_hub_dir(parent: Path, config, model, extra_tensors: Optional[dict] = N
     """What a user downloads, made directly from a model: remote-code files + config.json + model.safetensors."""
     target = copy_remote_code(unique_dir(parent, "hubdir"))
     data = config.to_dict()
-    data["auto_map"] = dict(repo_code.CONFIG_AUTO_MAP)
+    data["auto_map"] = repo_code.config_auto_map()
     data["custom_pipelines"] = repo_code.custom_pipelines()
     data.pop("_attn_implementation_autoset", None)
     (target / "config.json").write_text(json.dumps(data, indent=2))
@@ -195,6 +201,26 @@ def convert(src: Path, out: Path, *extra_args: str) -> Path:
     if status != 0:
         raise RuntimeError(f"convert_checkpoint.py --src {src} --out {out} failed with exit status {status}")
     return Path(out)
+
+
+def console_script(folder: Path, name: str) -> Path:
+    """`folder/name`: the wrapper pip writes for pyproject.toml's `[project.scripts]` entry `name` (run it with
+    `python folder/name`, this checkout on PYTHONPATH), so the console scripts can be tested without an install."""
+    import tomllib
+
+    from .io.files import read_regular_text
+
+    scripts = tomllib.loads(read_regular_text(repo_code.REPO_ROOT / "pyproject.toml"))["project"]["scripts"]
+    module, function = scripts[name].split(":")
+    path = Path(folder) / name
+    path.write_text(
+        "import re\nimport sys\n"
+        f"from {module} import {function}\n"
+        "if __name__ == '__main__':\n"
+        "    sys.argv[0] = re.sub(r'(-script\\.pyw|\\.exe)?$', '', sys.argv[0])\n"
+        f"    sys.exit({function}())\n"
+    )
+    return path
 
 
 def tiny_converted_repo(out: Path, *, work: Optional[Path] = None, **bagel_kwargs: Any) -> Path:

@@ -19,21 +19,22 @@ from .options import DEFAULT_LICENSE, DTYPE_CHOICES, PROG, ROPE_CHOICES, SOURCE_
 from .run import convert
 
 _D = ConvertOptions(src="", out="")
-EXAMPLES = f"""examples:
-  python {PROG} --src /path/to/BAGEL-7B-MoT --out siglip-navit-bagel
-  python {PROG} --src hf://ByteDance-Seed/BAGEL-7B-MoT --out siglip-navit-bagel
-  python {PROG} --src /path/to/siglip-so400m-patch14-384 --out siglip-navit-so400m
-  python {PROG} --src siglip-navit-bagel --out siglip-stock --to stock-siglip
-  python {PROG} --src ... --out DIR --push-to-hub you/siglip-navit-bagel --private"""
+EXAMPLES = """examples:
+  {run} --src /path/to/BAGEL-7B-MoT --out siglip-navit-bagel
+  {run} --src hf://ByteDance-Seed/BAGEL-7B-MoT --out siglip-navit-bagel
+  {run} --src /path/to/siglip-so400m-patch14-384 --out siglip-navit-so400m
+  {run} --src siglip-navit-bagel --out siglip-stock --to stock-siglip
+  {run} --src ... --out DIR --push-to-hub you/siglip-navit-bagel --private"""
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(prog: str = PROG) -> argparse.ArgumentParser:
+    """The flags; `prog` is the name the command was called by (`siglip-navit-convert` or `convert_checkpoint.py`)."""
     p = argparse.ArgumentParser(
-        prog=PROG,
+        prog=prog,
         description="Convert a BAGEL or stock SigLIP checkpoint into a ready SigLIP-NaViT Hub repo (streaming), or "
         "export one back to a stock transformers SiglipVisionModel.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog=EXAMPLES,
+        epilog=EXAMPLES.format(run=cli.how_to_run(prog)),
     )
     add = p.add_argument
     add("--src", required=True, help="source directory, file, or fsspec URL (e.g. hf://ByteDance-Seed/BAGEL-7B-MoT)")
@@ -72,22 +73,24 @@ def build_parser() -> argparse.ArgumentParser:
     return p  # fmt: skip
 
 
-def options_from_args(args: argparse.Namespace, argv: Sequence[str]) -> ConvertOptions:
+def options_from_args(args: argparse.Namespace, argv: Sequence[str], prog: str = PROG) -> ConvertOptions:
     fields = {k: v for k, v in vars(args).items() if k not in ("no_progress", "debug")}
-    return ConvertOptions(**fields, progress=not args.no_progress, command=f"python {PROG} " + shlex.join(argv))
+    command = f"{cli.how_to_run(prog)} {shlex.join(argv)}"  # what the model card shows
+    return ConvertOptions(**fields, progress=not args.no_progress, command=command)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Run the command; returns the exit status. Called with no `argv` (a real command line: this process is the
     command's own) it also turns SIGTERM into Ctrl-C, so that an interrupted run leaves no temporary behind."""
+    prog = cli.command_name(argv, PROG)
     if argv is None:
         cli.install_sigterm_handler()
     argv = list(sys.argv[1:] if argv is None else argv)
-    parser = build_parser()
+    parser = build_parser(prog)
     args = parser.parse_args(argv)
     if (args.private or args.revision) and not args.push_to_hub:
         parser.error("--private and --revision only apply with --push-to-hub")
-    options = options_from_args(args, argv)
+    options = options_from_args(args, argv, prog)
 
     def body() -> int:
         convert(options)

@@ -4,7 +4,8 @@
 Owns what those files say: the config (trimmed to what both transformers majors read silently), the processor
 settings (asked of `SiglipNaViTImageProcessor.settings_for_model`, plus the auto_map), the model card (front matter
 through huggingface_hub's `ModelCardData`, which also reads a source's card), and `push_to_hub`. Must not read or
-write weights, nor write files itself (the writer does).
+write weights, nor write files itself (the writer does), nor state a fact the code or README owns: the auto_map and
+architectures come from the registered classes (`repo_code`), the measured CPU figures from README's marked section.
 """
 
 from __future__ import annotations
@@ -17,14 +18,16 @@ from typing import TYPE_CHECKING, Optional, Union
 from huggingface_hub import ModelCard, ModelCardData
 
 from ..io.files import read_regular_text
-from ..repo_code import CONFIG_AUTO_MAP, PROCESSOR_AUTO_MAP, REPO_ROOT, custom_pipelines, image_processing
+from ..repo_code import (
+    REPO_ROOT, architectures, config_auto_map, custom_pipelines, image_processing, pipeline, processor_auto_map,
+    template_config,
+)  # fmt: skip
 from .options import DEFAULT_LICENSE, ConversionError, ConvertOptions
 
 if TYPE_CHECKING:  # the plan imports the sources, which read cards through this module
     from .plan import Plan
 
 BAGEL_REPO_ID = "ByteDance-Seed/BAGEL-7B-MoT"
-BAGEL_GEOMETRY = (1152, 14, 980, 26)  # hidden, patch, image, stored layers of BAGEL-7B-MoT's tower
 BaseModel = Union[str, list[str]]
 
 
@@ -43,8 +46,7 @@ def _config_dict(plan: "Plan", head: dict, tail: dict) -> dict:
 
 def navit_config_dict(plan: "Plan") -> dict:
     """config.json of this repo's layout, trimmed to what every transformers major reads silently."""
-    head = {"architectures": ["SiglipVisionModel"], "auto_map": dict(CONFIG_AUTO_MAP),
-            "model_type": plan.config.model_type}  # fmt: skip
+    head = {"architectures": architectures(), "auto_map": config_auto_map(), "model_type": plan.config.model_type}
     return _config_dict(plan, head, {"rope": bool(plan.config.rope), "custom_pipelines": custom_pipelines()})
 
 
@@ -57,7 +59,7 @@ def navit_preprocessor_dict(config) -> dict:
     path = REPO_ROOT / "preprocessor_config.json"
     template = json.loads(read_regular_text(path)) if path.is_file() else None
     settings = image_processing().SiglipNaViTImageProcessor.settings_for_model(config, template)
-    return {"auto_map": dict(PROCESSOR_AUTO_MAP), **settings}
+    return {"auto_map": processor_auto_map(), **settings}
 
 
 def stock_preprocessor_dict(config) -> dict:
@@ -114,9 +116,15 @@ def base_model(plan: "Plan", options: ConvertOptions) -> Optional[BaseModel]:
         return src.card["base_model"]
     if src.format == "bagel":
         geometry = (c.hidden_size, c.patch_size, c.image_size, plan.layers_stored)
-        return BAGEL_REPO_ID if geometry == BAGEL_GEOMETRY else None
+        return BAGEL_REPO_ID if geometry == bagel_geometry() else None
     name = (src.config_dict or {}).get("_name_or_path")
     return name if isinstance(name, str) and re.fullmatch(r"[\w.-]+/[\w.-]+", name) else None
+
+
+def bagel_geometry() -> tuple[int, int, int, int]:
+    """(hidden, patch, image, stored layers) of BAGEL-7B-MoT's tower: the repo root's config.json (its template)."""
+    t = template_config()
+    return t["hidden_size"], t["patch_size"], t["image_size"], t["num_hidden_layers"]
 
 
 def human(n: float) -> str:
@@ -190,9 +198,8 @@ vectors = extractor(["a.jpg", "b.png"], pool=True, batch_size=2)   # [[1][{hidde
 
 `handler.py` serves the same on Inference Endpoints: `{{"inputs": <base64 image | list>, "parameters": {{"pool": true}}}}`.
 
-**CPU dtype.** On CPUs with native bf16 (AMX or AVX512_BF16) load in `torch.bfloat16`: measured 0.24x the fp32
-time on an Intel Xeon with AMX, 0.55x on an AMD EPYC with AVX512_BF16. On AVX2-only CPUs bf16 is emulated and
-4-6x slower (5.6x measured for the whole tower): load in `torch.float32`. `torch.cpu._is_avx512_bf16_supported()` tells which case you are in.
+**CPU dtype.** {cpu_dtype}
+`torch.cpu._is_avx512_bf16_supported()` and `torch.cpu._is_amx_tile_supported()` tell which case you are in.
 
 Export back to a plain transformers checkpoint (no remote code): `python convert_checkpoint.py --src {repo_path}
 --out siglip-stock --to stock-siglip`."""
@@ -207,6 +214,28 @@ processor = SiglipImageProcessor.from_pretrained("{repo}")
 
 A plain transformers `SiglipVisionModel` (no pooling head: `vision_use_head: false`); its `last_hidden_state` on a
 {image}x{image} image equals the packed SigLIP-NaViT tower's output for that image."""
+
+
+# README's section with the measured CPU dtype figures: the ONE place they are written; every card quotes it.
+CPU_DTYPE_SECTION = ("<!-- cpu-dtype: the converter copies this into every model card -->", "<!-- /cpu-dtype -->")
+
+
+def cpu_dtype_note(readme: Optional[os.PathLike] = None) -> str:
+    """The measured CPU dtype figures for the card: README's marked section (`CPU_DTYPE_SECTION`)."""
+    path = readme if readme is not None else REPO_ROOT / "README.md"
+    start, end = CPU_DTYPE_SECTION
+    try:
+        text = read_regular_text(path)
+    except (OSError, ValueError):  # missing, not a regular file, not UTF-8
+        text = ""
+    first = text.find(start)
+    last = text.find(end, first + 1) if first >= 0 else -1
+    if last < 0:
+        raise ConversionError(
+            f"{path} lacks the section between {start!r} and {end!r} (the measured CPU dtype figures every model card "
+            "quotes): run the converter from a complete checkout of the SigLIP-NaViT repo."
+        )
+    return text[first + len(start) : last].strip()
 
 
 def _steps(plan: "Plan", options: ConvertOptions) -> list[str]:
@@ -263,7 +292,7 @@ def _title_summary_usage(plan: "Plan", options: ConvertOptions, origin: str) -> 
         "images of different sizes go through one forward call without padding. Load it with `trust_remote_code=True`."
     )
     repo_path = f"hf://{repo}" if options.push_to_hub else repo
-    usage = NAVIT_USAGE.format(repo=repo, hidden=c.hidden_size, repo_path=repo_path)
+    usage = NAVIT_USAGE.format(repo=repo, hidden=c.hidden_size, repo_path=repo_path, cpu_dtype=cpu_dtype_note())
     return "SigLIP-NaViT vision tower", summary, usage
 
 
@@ -299,7 +328,7 @@ def model_card(plan: "Plan", options: ConvertOptions) -> str:
     license_ = options.license or src.card.get("license") or DEFAULT_LICENSE
     base = base_model(plan, options)
     data = ModelCardData(
-        library_name="transformers", pipeline_tag="image-feature-extraction", license=license_, base_model=base,
+        library_name="transformers", pipeline_tag=pipeline().TASK, license=license_, base_model=base,
         tags=tags,
     )  # fmt: skip
     body = card_body(plan, options, license_, base)

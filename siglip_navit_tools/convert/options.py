@@ -1,5 +1,5 @@
 # Copyright 2026 The siglip-navit authors. Licensed under the Apache License, Version 2.0.
-"""The converter's options: one dataclass a newcomer can read every knob from, and the user-facing error type.
+"""The converter's options: one dataclass a newcomer can read every knob from (errors: `errors.ConversionError`).
 
 Owns the defaults, the normalisation that needs nothing but the options (the BAGEL prefix ends with a dot) and the
 equivalent command line the model card shows. Must not parse command lines (the CLI builds the object), nor touch
@@ -15,24 +15,18 @@ import shlex
 from dataclasses import dataclass
 from typing import Optional
 
-import torch
-
-from ..cli import ToolError
+from ..compat import DTYPES
+from ..errors import ConversionError
 
 PROG = "convert_checkpoint.py"
 TARGETS = ("siglip-navit", "stock-siglip")
 SOURCE_FORMATS = ("auto", "bagel", "siglip", "siglip-navit")
 ROPE_CHOICES = ("auto", "true", "false")
-DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 DTYPE_CHOICES = ("keep", *DTYPES)
 DEFAULT_VIT_PREFIX = "vit_model."
 DEFAULT_MAX_SHARD_SIZE = "5GB"
 DEFAULT_READ_CHUNK = "64MiB"
 DEFAULT_LICENSE = "apache-2.0"  # BAGEL-7B-MoT and google/siglip-* are both Apache-2.0
-
-
-class ConversionError(ToolError):
-    """A failure with a message meant for the user (printed as one paragraph, exit status 1)."""
 
 
 @dataclass

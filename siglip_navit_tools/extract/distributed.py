@@ -18,8 +18,7 @@ from typing import Any, Callable, Optional
 import torch
 import torch.distributed as dist
 
-from ..cli import ToolError
-from .options import UsageError
+from ..errors import ToolError, UsageError
 
 
 def local_rank() -> int:

@@ -1,5 +1,5 @@
 # Copyright 2026 The siglip-navit authors. Licensed under the Apache License, Version 2.0.
-"""The extractor's options: one dataclass a newcomer can read every knob from, and the user-facing error type.
+"""The extractor's options: one dataclass a newcomer can read every knob from (errors: `errors.UsageError`).
 
 Owns the defaults and the checks that need nothing but the options themselves (`ExtractOptions.validate`). Must
 not parse command lines (the CLI builds the object) nor touch files, models or processes.
@@ -10,11 +10,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Optional
 
-import torch
+from ..compat import DTYPES
+from ..errors import UsageError
 
-from ..cli import ToolError
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 DTYPE_CHOICES = (*sorted(DTYPES), "auto")  # auto: resolved per device at the start of a run (pipeline.resolve_dtype)
 ATTN_IMPLEMENTATIONS = ("sdpa", "flash_attention_2", "eager")
 DEFAULT_SHARD_SIZE = 256
@@ -23,12 +21,6 @@ DEFAULT_LOOKAHEAD = 256
 # output formats (writers.WRITERS): today's safetensors shards, parquet shards, autofaiss / clip-retrieval's npy layout
 FORMATS = ("safetensors", "parquet", "npy")
 DEFAULT_IMAGE_KEY = "jpg;jpeg;png;webp"  # webdataset's `;`-separated choices, the first present wins
-
-
-class UsageError(ToolError):
-    """Bad arguments or a bad output folder: reported in one line, exit code 2."""
-
-    exit_code = 2
 
 
 @dataclass

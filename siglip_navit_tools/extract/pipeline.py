@@ -3,7 +3,7 @@
 
 Owns how a shard's images become forwards (sizes from headers -> `plan_windows`, one look-ahead window at a time ->
 packs built by DataLoader workers with `processor.concatenate_packs`, the budget checked again after decoding) and
-how a forward's output becomes per-image results (`processor.unpack`, then the mean over patches) handed to the
+how a forward's output becomes per-image results (`processor.unpack` and `processor.mean_pool`) handed to the
 shard's writer as each forward finishes. Every image <-> pack fact comes from the image processor: this module must
 not compute grids, patch counts or boundaries itself, nor write files (the writers do).
 """
@@ -27,7 +27,7 @@ from .packing import plan_batches, plan_windows
 logger = logging.getLogger(__name__)
 
 # What the extractor asks of an image processor (a --trust-remote-code repo may ship an older one).
-PROCESSOR_METHODS = ("patch_grid", "max_patches_per_image", "concatenate_packs", "unpack")
+PROCESSOR_METHODS = ("patch_grid", "max_patches_per_image", "concatenate_packs", "unpack", "mean_pool")
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -227,8 +227,7 @@ def _forward(model: Any, processor: Any, pack: dict, device: torch.device) -> tu
     hidden = model(**inputs).last_hidden_state
     # the grid from the host copy of the pack: reading the device copy would wait for the forward
     maps = processor.unpack(hidden, pack["image_grid_hw"])
-    pooled = torch.stack([fmap.flatten(0, 1).float().mean(0) for fmap in maps])  # deterministic, unlike atomics
-    return pooled, maps
+    return processor.mean_pool(hidden, pack["image_grid_hw"]), maps
 
 
 def _write_results(

@@ -7,10 +7,8 @@ plan, the list of unfinished shards and a run id, shared with every rank) -> enc
 (dynamic: an atomic counter in torch.distributed's store hands each unfinished shard to exactly one rank; the next
 one is claimed and started during the current one's last forward) -> gather the stats, write the final manifest,
 print the summary. Owns the order of the steps and the summary; must not hold the steps' own logic (inputs,
-pipeline, shards, distributed do) nor parse command lines.
-
-Test hook (not a user option): SIGLIP_NAVIT_EXTRACT_TEST_SHARD_DELAY="RANK:SECONDS[,RANK:SECONDS...]" makes those
-ranks sleep that long before each shard they encode (tests slow one rank down to check the dynamic claiming).
+pipeline, shards, distributed do) nor parse command lines, nor any hook for tests (they wrap `encode_shard` from
+outside).
 """
 
 from __future__ import annotations
@@ -19,7 +17,6 @@ import dataclasses
 import hashlib
 import json
 import logging
-import os
 import time
 import uuid
 from dataclasses import asdict
@@ -43,8 +40,6 @@ from .shards import (
     run_settings,
     shard_metadata,
 )
-
-TEST_DELAY_ENV = "SIGLIP_NAVIT_EXTRACT_TEST_SHARD_DELAY"
 
 logger = logging.getLogger(__name__)
 
@@ -209,15 +204,6 @@ def _progress_bar(total: int, rank: int, enabled: bool) -> Any:
     )  # fmt: skip
 
 
-def _test_delay(rank: int) -> float:
-    """Seconds this rank sleeps before each shard (the TEST_DELAY_ENV test hook; 0 without it)."""
-    for item in filter(None, os.environ.get(TEST_DELAY_ENV, "").split(",")):
-        who, seconds = item.split(":")
-        if int(who) == rank:
-            return float(seconds)
-    return 0.0
-
-
 def _encode_shards(
     options: ExtractOptions,
     world: distributed.World,
@@ -235,7 +221,6 @@ def _encode_shards(
 
     stats = RankStats()
     progress = _progress_bar(0, world.rank, options.progress)  # its total grows as shards are claimed
-    delay = _test_delay(world.rank)
     pending: list[ShardJob] = []  # at most one: the next shard, claimed and started during the current one
 
     def claim_and_start() -> None:
@@ -253,8 +238,6 @@ def _encode_shards(
             claim_and_start()
             while pending:
                 job = pending.pop()
-                if delay:
-                    time.sleep(delay)
                 skipped = _encode_one_shard(options, world, source, model, processor, plan, job, stats, claim_and_start)
                 stats.shards_written += 1
                 stats.skipped_ids.extend(entry["id"] for entry in skipped)

@@ -25,7 +25,7 @@ from typing import Any, Iterator, Optional
 
 import torch
 
-from ..cli import ToolError
+from ..errors import ToolError
 from ..io import atomic
 from ..io.files import NotARegularFile, is_regular_file, read_regular_bytes
 from . import writers

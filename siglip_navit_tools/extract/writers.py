@@ -31,7 +31,7 @@ from typing import Any, Iterator, Optional
 import numpy as np
 import torch
 
-from ..cli import ToolError
+from ..errors import ToolError
 from ..io import atomic
 from ..io.files import is_regular_file, open_regular_file
 

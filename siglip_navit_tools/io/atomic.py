@@ -19,7 +19,7 @@ import uuid
 from pathlib import Path
 from typing import Iterator, Optional
 
-from ..cli import ToolError
+from ..errors import ToolError
 from .files import FileTooLarge, NotARegularFile, read_regular_text
 
 TMP_MARK = ".tmp-"  # temporaries are `.NAME.tmp-<tag>`: hidden, and recognisable as leftovers

@@ -15,7 +15,7 @@ import os
 import posixpath
 from typing import Any
 
-from ..cli import ToolError
+from ..errors import ToolError
 from .files import FileTooLarge, NotARegularFile, check_regular_file, open_regular_file, read_regular_text
 
 MAX_TEXT_BYTES = 100_000_000  # a config, index or model card larger than this is not one (the header limit too)

@@ -20,7 +20,7 @@ from typing import Any, Callable, Iterable, NamedTuple, Optional, Sequence
 
 import torch
 
-from ..cli import ToolError
+from ..errors import ToolError
 from . import atomic
 from .locations import ByteReader, Location
 

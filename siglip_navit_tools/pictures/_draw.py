@@ -47,7 +47,7 @@ def finish(image: PIL.Image.Image, save_to: Optional[PathLike]) -> PIL.Image.Ima
 
 
 # ---- text --------------------------------------------------------------------------------------------------------
-def font(size: int) -> PIL.ImageFont.ImageFont:
+def load_font(size: int) -> PIL.ImageFont.ImageFont:
     """PIL's built-in font (no download); sized where this Pillow supports it (>= 10.1), else the fixed bitmap."""
     try:
         return PIL.ImageFont.load_default(size=size)
@@ -200,3 +200,14 @@ def stack(images: Sequence[ImageLike], gap: int, background: Color, horizontal: 
         canvas.paste(im, (offset, 0) if horizontal else (0, offset))
         offset += (im.width if horizontal else im.height) + gap
     return canvas
+
+
+# ---- layout (public: re-exported by the package) ------------------------------------------------------------
+def hstack(images: Sequence[ImageLike], *, gap: int = 8, background: Color = WHITE) -> PIL.Image.Image:
+    """Images side by side (top-aligned) on a `background` canvas, `gap` pixels apart."""
+    return stack(images, gap, background, horizontal=True)
+
+
+def vstack(images: Sequence[ImageLike], *, gap: int = 8, background: Color = WHITE) -> PIL.Image.Image:
+    """Images one below the other (left-aligned) on a `background` canvas, `gap` pixels apart."""
+    return stack(images, gap, background, horizontal=False)

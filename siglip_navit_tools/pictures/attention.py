@@ -1,9 +1,10 @@
 # Copyright 2026 The siglip-navit authors. Licensed under the Apache License, Version 2.0.
-"""Attention as numbers: `attention_grid` (one query patch's row of an image's eager attention map, as a grid),
+"""Picture (d), attention: `attention_grid` (one query patch's row of an image's eager attention map, as a grid),
 picking a layer / image / head out of the model's `output.attentions` with messages that name the argument, the
-grid an image of a given patch count has, and the "hot" heat colours.
+grid an image of a given patch count has, the "hot" heat colours, and `attention_map` (the heat map over the image,
+the query patch outlined).
 
-Must not draw (`visualize.attention_map` blends and outlines) and must not run the model.
+Must not run the model.
 """
 
 from __future__ import annotations
@@ -14,9 +15,12 @@ from typing import Any, Optional, Sequence, Union
 
 import numpy as np
 import PIL.Image
+import PIL.ImageDraw
 import torch
 
-from ._draw import as_grid
+from ._draw import NEAREST, Color, ImageLike, PathLike, as_grid, as_rgb, cell_size, check_int, finish
+
+MARKER: Color = (0, 200, 255)  # the outline of the query patch in `attention_map`
 
 # The "hot" colour scale, black -> red -> yellow -> white: brightness (R + G + B) rises strictly with the value.
 HOT_STOPS = np.array([[0, 0, 0], [230, 0, 0], [255, 210, 0], [255, 255, 255]], dtype=np.float64)
@@ -105,3 +109,51 @@ def grid_for(img: PIL.Image.Image, n: int) -> tuple[int, int]:
             "size); pass the processor's resized image, or `grid_hw`"
         )
     return img.height // p, img.width // p
+
+
+def attention_map(
+    image: ImageLike,
+    attentions: Any,
+    patch: tuple[int, int],
+    layer: int = -1,
+    image_index: int = 0,
+    *,
+    head: Optional[int] = None,
+    grid_hw: Optional[Union[Sequence[int], torch.Tensor]] = None,
+    alpha: float = 0.6,
+    scale: int = 1,
+    save_to: Optional[PathLike] = None,
+) -> PIL.Image.Image:
+    """One patch's attention over its image: a heat map over the resized image, the query patch outlined.
+
+    The colours use the "hot" scale (black, red, yellow, white) relative to the hottest patch (the grid of
+    `attention_grid` divided by its maximum); each patch is one flat square (nearest-neighbour upsampling), and
+    the query patch gets a `MARKER` (cyan) outline.
+
+    Args:
+        image: the resized image the model saw (`resized_images(inputs)[image_index]`).
+        attentions, patch, layer, image_index, head: see `attention_grid` (head None: the mean over heads).
+        grid_hw: the image's `(rows, cols)`; default: inferred from the image's size and the map's size.
+        alpha: weight of the heat colours over the image, in [0, 1].
+        scale: integer upscaling (nearest-neighbour), so small patches stay visible.
+        save_to: also write the picture to this PNG path.
+
+    Returns:
+        an RGB image of `(W * scale) x (H * scale)` pixels (W x H: the image's size).
+    """
+    img = as_rgb(image, "image")
+    scale = check_int(scale, "scale", 1)
+    if not isinstance(alpha, numbers.Real) or isinstance(alpha, bool) or not 0.0 <= alpha <= 1.0:
+        raise ValueError(f"`alpha` must be a number in [0, 1], got {alpha!r}")
+    if grid_hw is None:
+        grid_hw = grid_for(img, select_map(attentions, layer, image_index).shape[1])
+    grid = attention_grid(attentions, grid_hw, patch, layer=layer, image_index=image_index, head=head)
+    cell = cell_size(img, grid.shape, None, "image") * scale
+    peak = grid.max()
+    heat = PIL.Image.fromarray(hot_rgb(grid / peak if peak > 0 else grid))
+    size = (img.width * scale, img.height * scale)
+    out = PIL.Image.blend(img.resize(size, NEAREST), heat.resize(size, NEAREST), float(alpha))
+    (row, col), width = patch, max(1, cell // 8)
+    box = [col * cell, row * cell, (col + 1) * cell - 1, (row + 1) * cell - 1]
+    PIL.ImageDraw.Draw(out).rectangle(box, outline=MARKER, width=width)
+    return finish(out, save_to)

@@ -1,18 +1,21 @@
 # Copyright 2026 The siglip-navit authors. Licensed under the Apache License, Version 2.0.
-"""The PCA colours of feature maps: `pca_rgb` (one map) and `pca_rgb_joint` (one PCA over several maps), as uint8
-arrays, with their argument checks, the top-components solver and the sign and scaling rules.
+"""Picture (b), the PCA of patch features: `pca_rgb` (one map) and `pca_rgb_joint` (one PCA over several maps) as
+uint8 colours, with their argument checks, the top-components solver and the sign and scaling rules; `pca_view` /
+`pca_views` put the colours beside the resized images.
 
-The math only: must not draw, resize or write pictures (`visualize.pca_view(s)` do that) and must not know where
-the maps came from (any `(h, w, C)` tensor or array is fine).
+Must not know where the maps came from (any `(h, w, C)` tensor or array is fine).
 """
 
 from __future__ import annotations
 
 import math
-from typing import Any, Sequence, Union
+from typing import Any, Optional, Sequence, Union
 
 import numpy as np
+import PIL.Image
 import torch
+
+from ._draw import NEAREST, ImageLike, PathLike, as_rgb, cell_size, check_gap, finish, hstack, save_png, vstack
 
 
 def as_feature_map(feature_map: Any, name: str) -> tuple[torch.Tensor, float]:
@@ -133,3 +136,80 @@ def pca_rgb_joint(
     rgb = pca_uint8(torch.cat([m.reshape(-1, m.shape[2]) for m in maps]), q, max(epss))
     sizes = [m.shape[0] * m.shape[1] for m in maps]
     return [part.reshape(m.shape[0], m.shape[1], 3).numpy() for part, m in zip(torch.split(rgb, sizes), maps)]
+
+
+def _pca_panel(img: PIL.Image.Image, rgb: np.ndarray, gap: int, name: str, image_name: str) -> PIL.Image.Image:
+    h, w = rgb.shape[:2]
+    try:
+        cell_size(img, (h, w), None, image_name)
+    except ValueError as err:
+        raise ValueError(f"`{name}` is a {h}x{w} grid that does not match `{image_name}`: {err}") from None
+    pca = PIL.Image.fromarray(rgb).resize(img.size, NEAREST)
+    return hstack([img, pca], gap=gap)
+
+
+def pca_view(
+    image: ImageLike,
+    feature_map: Union[torch.Tensor, np.ndarray],
+    *,
+    gap: int = 8,
+    quantile: float = 0.01,
+    save_to: Optional[PathLike] = None,
+) -> PIL.Image.Image:
+    """The input image side by side with the PCA picture of its features (`pca_rgb`), upsampled nearest-neighbour
+    to the image's size so every patch stays a visible square.
+
+    Args:
+        image: the resized image the model saw (see `resized_images`); its size must be the feature map's `(h, w)`
+            grid times the patch size.
+        feature_map: `(h, w, C)` features of that image (one entry of `processor.unpack(...)`).
+        gap: white pixels between the two panels.
+        quantile: see `pca_rgb`.
+        save_to: also write the picture to this PNG path.
+
+    Returns:
+        an RGB image of `(2 * W + gap) x H` pixels (W x H: the image's size).
+    """
+    img = as_rgb(image, "image")
+    gap = check_gap(gap)
+    return finish(_pca_panel(img, pca_rgb(feature_map, quantile=quantile), gap, "feature_map", "image"), save_to)
+
+
+def pca_views(
+    images: Sequence[ImageLike],
+    feature_maps: Sequence[Union[torch.Tensor, np.ndarray]],
+    *,
+    joint: bool = True,
+    gap: int = 8,
+    quantile: float = 0.01,
+    save_to: Optional[PathLike] = None,
+) -> list[PIL.Image.Image]:
+    """`pca_view` for several images; with `joint=True` (default) the colours come from one PCA over all of them
+    (`pca_rgb_joint`), so they can be compared across images.
+
+    Args:
+        images: the resized images (`resized_images(inputs)`).
+        feature_maps: their `(h, w, C)` maps (`processor.unpack(...)`), in the same order.
+        joint: one PCA for all images (True) or one per image (False, as `pca_view`).
+        gap, quantile: see `pca_view`.
+        save_to: also write the pictures one below the other (`vstack`) to this PNG path.
+
+    Returns:
+        one `(2 * W_i + gap) x H_i` picture per image.
+    """
+    if not isinstance(images, (list, tuple)) or not isinstance(feature_maps, (list, tuple)):
+        raise ValueError("`images` and `feature_maps` must be lists")
+    if len(images) != len(feature_maps) or not images:
+        raise ValueError(f"got {len(images)} `images` and {len(feature_maps)} `feature_maps`; pass one map per image")
+    gap = check_gap(gap)
+    imgs = [as_rgb(im, f"images[{i}]") for i, im in enumerate(images)]
+    if joint:
+        rgbs = pca_rgb_joint(feature_maps, quantile=quantile)
+    else:
+        rgbs = [pca_rgb(m, quantile=quantile) for m in feature_maps]
+    pictures = [
+        _pca_panel(im, rgb, gap, f"feature_maps[{i}]", f"images[{i}]") for i, (im, rgb) in enumerate(zip(imgs, rgbs))
+    ]
+    if save_to is not None:
+        save_png(vstack(pictures, gap=gap), save_to)
+    return pictures

@@ -39,12 +39,6 @@ class OverLimit(ValueError):
     """A request over one of the request limits (named in the message)."""
 
 
-def pooled_features(grid: torch.Tensor) -> torch.Tensor:
-    """One image's embedding: the mean over its patches of `last_hidden_state`, computed in float32 (the pipeline's
-    `pool=True`). The one place the server pools."""
-    return grid.flatten(0, 1).float().mean(0)
-
-
 @dataclass
 class Prepared:
     """One image, preprocessed: its own pack, and what its result should be."""
@@ -146,13 +140,14 @@ class Engine:
         with torch.inference_mode():
             hidden = self.model(**inputs).last_hidden_state
         grids = self.processor.unpack(hidden, pack["image_grid_hw"])
-        return [self._result(grid, item.payload.output) for grid, item in zip(grids, items)]
-
-    @staticmethod
-    def _result(grid: torch.Tensor, output: str) -> torch.Tensor:
-        if output == "pooled":
-            return pooled_features(grid).cpu()
-        return grid.to(device="cpu", dtype=OUTPUT_DTYPES[output], copy=True)  # its own storage, not a pack view
+        pooled = None
+        if any(item.payload.output == "pooled" for item in items):  # the processor's float32 mean, as the pipeline's
+            pooled = self.processor.mean_pool(hidden, pack["image_grid_hw"]).cpu()
+        return [
+            pooled[i] if item.payload.output == "pooled"
+            else grid.to(device="cpu", dtype=OUTPUT_DTYPES[item.payload.output], copy=True)  # not a view of the pack
+            for i, (grid, item) in enumerate(zip(grids, items))
+        ]
 
     def warm_up(self) -> None:
         """One forward on a small gray image (the first forward allocates; no request should pay for it)."""

@@ -69,10 +69,16 @@ def script_env(**extra) -> dict:
     return dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.environ.get("PYTHONPATH", ""), **extra)
 
 
-def torchrun(model_dir, input_spec, output, *extra) -> list[str]:
+# Runs the extractor with some ranks slowed down from outside: `SLOW_RANK_WORKER RANK:SECONDS[,...] <args>`.
+SLOW_RANK_WORKER = ROOT / "tests" / "extract" / "_extract_slow_rank_worker.py"
+
+
+def torchrun(model_dir, input_spec, output, *extra, slow: str = "") -> list[str]:
+    """A 2-rank torchrun of the extractor; `slow` ("RANK:SECONDS"): that rank sleeps before each shard."""
+    entry = [str(SLOW_RANK_WORKER), slow] if slow else [str(ROOT / "extract_features.py")]
     return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nnodes", "1", "--nproc-per-node", "2",
-            str(ROOT / "extract_features.py"), "--model", str(model_dir), "--input", str(input_spec),
-            "--output", str(output), "--num-workers", "0", "--device", "cpu", "--no-progress", *map(str, extra)]  # fmt: skip
+            *entry, "--model", str(model_dir), "--input", str(input_spec), "--output", str(output),
+            "--num-workers", "0", "--device", "cpu", "--no-progress", *map(str, extra)]  # fmt: skip
 
 
 def reference(model_dir, images: dict) -> dict:

@@ -13,9 +13,9 @@ from _extract_helpers import good_paths, read_outputs, reference
 
 from siglip_navit_tools import repo_code
 from siglip_navit_tools.extract import distributed
-from siglip_navit_tools.extract.run import TEST_DELAY_ENV
 
 ROOT = repo_code.REPO_ROOT
+SLOW_RANK_WORKER = ROOT / "tests" / "extract" / "_extract_slow_rank_worker.py"  # slows ranks from outside
 
 
 def test_claims_hand_every_position_to_exactly_one_claimer_and_runs_do_not_share_counters(monkeypatch):
@@ -44,10 +44,10 @@ def test_claims_hand_every_position_to_exactly_one_claimer_and_runs_do_not_share
 def test_torchrun_slow_rank_claims_fewer_shards_and_every_input_is_encoded_once(model_dir, image_dir, tmp_path):
     out = tmp_path / "feats"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nnodes", "1", "--nproc-per-node", "2",
-           str(ROOT / "extract_features.py"), "--model", str(model_dir), "--input", str(image_dir),
+           str(SLOW_RANK_WORKER), "1:2.5", "--model", str(model_dir), "--input", str(image_dir),
            "--output", str(out), "--shard-size", "1", "--num-workers", "0", "--save-grids", "--device", "cpu",
            "--no-progress"]  # fmt: skip
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH="", **{TEST_DELAY_ENV: "1:2.5"})  # rank 1 is slow
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH="")  # rank 1 is slow: "1:2.5" above
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=120, stdin=subprocess.DEVNULL)
     logs = proc.stdout + proc.stderr
     assert proc.returncode == 0, logs[-4000:]

@@ -23,7 +23,6 @@ from siglip_navit_tools import cpu, repo_code
 from siglip_navit_tools.extract import ExtractOptions, UsageError
 from siglip_navit_tools.extract import cli as extract_cli
 from siglip_navit_tools.extract.pipeline import resolve_dtype
-from siglip_navit_tools.extract.run import TEST_DELAY_ENV
 from siglip_navit_tools.extract.shards import lock_output
 
 ROOT = repo_code.REPO_ROOT
@@ -160,8 +159,10 @@ def children(pid):
 @pytest.mark.skipif(not os.path.isdir("/proc"), reason="reads /proc to find the DataLoader workers")
 def test_rerun_right_after_kill_9_is_not_refused_while_orphaned_workers_linger(model_dir, image_dir, tmp_path):
     out = tmp_path / "out"
-    env = script_env(**{TEST_DELAY_ENV: "0:60"})  # rank 0 sleeps before its first shard: the workers are up
-    proc = subprocess.Popen(script(model_dir, image_dir, out, "--num-workers", 2, "--shard-size", 4), env=env,
+    slow = [str(ROOT / "tests" / "extract" / "_extract_slow_rank_worker.py"), "0:60"]  # slows rank 0 from outside
+    command = [sys.executable, *slow, *script(model_dir, image_dir, out, "--num-workers", 2, "--shard-size", 4)[2:]]
+    env = script_env()  # rank 0 sleeps before its first shard: the workers are up
+    proc = subprocess.Popen(command, env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL)  # fmt: skip
     try:
         deadline = time.monotonic() + 90
@@ -308,7 +309,7 @@ def test_dtype_auto_picks_by_cpu_kind_says_so_and_fingerprints_the_choice(
     model_dir, image_dir, tmp_path, monkeypatch, capsys, caplog, support, expected
 ):
     caplog.set_level(logging.INFO)
-    monkeypatch.setattr(cpu, "bf16_support", lambda: support)
+    monkeypatch.setattr(repo_code.pipeline(), "cpu_bf16_support", lambda: support)  # the repo's one dtype rule
     out = tmp_path / "out"
     assert extract(model_dir, image_dir, out, "--dtype", "auto", "--device", "cpu") == 0
     manifest, found = read_outputs(out)

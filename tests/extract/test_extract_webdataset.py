@@ -24,10 +24,10 @@ from _extract_corpora import (
     torchrun,
     write_tar,
     ROOT,
+    SLOW_RANK_WORKER,
 )
 
 from siglip_navit_tools.extract.packing import plan_batches, plan_windows
-from siglip_navit_tools.extract.run import TEST_DELAY_ENV
 
 GOOD = {  # id -> encoded image
     "00000.tar/000000": image_bytes(40, 24, 0, "JPEG"),
@@ -195,8 +195,9 @@ def test_two_gloo_ranks_claim_tars_dynamically_and_encode_every_sample_once(corp
             members += [(f"{key}.png", images[f"{t:05d}.tar/{key}"]), (f"{key}.txt", key.encode())]
         write_tar(root / f"{t:05d}.tar", members)
     out = tmp_path / "feats"
-    env = script_env(**{TEST_DELAY_ENV: "1:3"})  # rank 1 is slow: it must end up with fewer tars
-    proc = subprocess.run(torchrun(corpora_model, f"{root}/{{00000..00005}}.tar", out, "--save-grids"), env=env,
+    env = script_env()  # rank 1 is slow (slow="1:3"): it must end up with fewer tars
+    command = torchrun(corpora_model, f"{root}/{{00000..00005}}.tar", out, "--save-grids", slow="1:3")
+    proc = subprocess.run(command, env=env,
                           capture_output=True, text=True, timeout=300, stdin=subprocess.DEVNULL)  # fmt: skip
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
     manifest, found = read_safetensors(out)
@@ -208,10 +209,10 @@ def test_two_gloo_ranks_claim_tars_dynamically_and_encode_every_sample_once(corp
 
 def test_killed_run_resumes_and_every_sample_is_encoded_once(corpora_model, shards, expected, tmp_path):
     out = tmp_path / "feats"
-    cmd = [sys.executable, str(ROOT / "extract_features.py"), "--model", str(corpora_model), "--input",
+    cmd = [sys.executable, str(SLOW_RANK_WORKER), "0:4", "--model", str(corpora_model), "--input",  # shards slowed
            f"{shards}/{{00000..00002}}.tar", "--output", str(out), "--no-progress", "--num-workers", "1",
            "--save-grids"]  # fmt: skip
-    proc = subprocess.Popen(cmd, env=script_env(**{TEST_DELAY_ENV: "0:4"}), stdin=subprocess.DEVNULL,
+    proc = subprocess.Popen(cmd, env=script_env(), stdin=subprocess.DEVNULL,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
     try:
         deadline = time.monotonic() + 120

@@ -74,7 +74,8 @@ def roundtrip(image: PIL.Image.Image) -> PIL.Image.Image:
 # ---- loading ----------------------------------------------------------------------------------------------------
 def test_loads_our_pipeline_in_fp32_on_cpu(handler):
     assert type(handler.pipeline).__name__ == "SiglipNaViTFeatureExtractionPipeline"
-    assert handler.pipeline.model.dtype == torch.float32  # no GPU here: the CPU default
+    native_bf16 = torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+    assert handler.pipeline.model.dtype == (torch.bfloat16 if native_bf16 else torch.float32)  # no GPU: the CPU rule
 
 
 def test_default_path_is_the_working_directory(repo, monkeypatch):

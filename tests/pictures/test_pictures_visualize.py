@@ -15,6 +15,8 @@ import torch
 
 import visualize as vis
 from siglip_navit_tools import repo_code
+from siglip_navit_tools.pictures import _draw as pictures_draw
+from siglip_navit_tools.pictures import pack as pictures_pack
 from siglip_navit_tools.testing import make_model, make_pack, tiny_config
 
 ROOT = repo_code.REPO_ROOT
@@ -380,19 +382,19 @@ def test_pack_strip_every_image_gets_a_column(cu, width):
 
 def test_pack_strip_always_shows_the_total(monkeypatch):
     # the helper: the last label is placed first, then the others left to right where they do not overlap
-    assert vis._place_labels([0, 635, 796, 799], [6, 24, 24, 24], 800) == [0, 623, None, 776]
-    assert vis._place_labels([0, 20, 40], [6, 6, 6], 100) == [0, 17, 37]
-    assert vis._place_labels([0, 30, 34], [6, 6, 6], 100) == [0, None, 31]
-    assert vis._place_labels([0, 60], [6, 200], 100) == [0, None]  # wider than the picture
+    assert pictures_pack.place_labels([0, 635, 796, 799], [6, 24, 24, 24], 800) == [0, 623, None, 776]
+    assert pictures_pack.place_labels([0, 20, 40], [6, 6, 6], 100) == [0, 17, 37]
+    assert pictures_pack.place_labels([0, 30, 34], [6, 6, 6], 100) == [0, None, 31]
+    assert pictures_pack.place_labels([0, 60], [6, 200], 100) == [0, None]  # wider than the picture
     # and the strip itself: record what gets written
     drawn = []
-    put_text = vis._put_text
+    put_text = pictures_pack.put_text
 
     def recording_put_text(draw, left, top, text, *args):
         drawn.append(text)
         put_text(draw, left, top, text, *args)
 
-    monkeypatch.setattr(vis, "_put_text", recording_put_text)
+    monkeypatch.setattr(pictures_pack, "put_text", recording_put_text)
     vis.pack_strip([0, 2700, 3384, 3400], width=800)
     assert "3400" in drawn and "0" in drawn and "2700" in drawn and "3384" not in drawn  # 3384 would overlap 3400
 
@@ -427,7 +429,7 @@ def test_bitmap_font_fallback(monkeypatch):
         return bitmap()
 
     monkeypatch.setattr(PIL.ImageFont, "load_default", old_load_default)
-    assert isinstance(vis._font(12), PIL.ImageFont.ImageFont)
+    assert isinstance(pictures_draw.load_font(12), PIL.ImageFont.ImageFont)
     inputs, _ = fake_inputs(GRIDS, 14)
     assert [p.size for p in vis.patch_grids(inputs, scale=2)] == [(140, 84), (56, 196)]
     strip = vis.pack_strip(inputs["cu_seqlens"], inputs["image_grid_hw"], width=300)

@@ -114,7 +114,7 @@ def test_absurd_settings_are_refused_at_construction(kwargs, pattern):
 
 
 def test_settings_at_the_bounds_are_accepted():
-    Processor(max_num_patches_per_side=ipm.MAX_GRID_SIDE, position_id_mode="interpolate")
+    Processor(max_num_patches_per_side=ipm.MAX_PATCHES_PER_SIDE, position_id_mode="interpolate")
     Processor(max_image_size=ipm.MAX_IMAGE_SIDE, max_num_patches_per_side=ipm.MAX_IMAGE_SIDE // 14 + 1)
 
 
@@ -157,7 +157,7 @@ def test_patch_grid_is_bounded_for_every_accepted_setting(width, height, rule, m
     except ValueError:
         return  # refused at construction: nothing to bound
     grid_h, grid_w = processor.patch_grid(width, height)
-    assert 1 <= grid_h <= ipm.MAX_GRID_SIDE and 1 <= grid_w <= ipm.MAX_GRID_SIDE
+    assert 1 <= grid_h <= ipm.MAX_PATCHES_PER_SIDE and 1 <= grid_w <= ipm.MAX_PATCHES_PER_SIDE
     assert grid_h * grid_w <= processor.max_patches_per_image()
     if mode == "extrapolate":
         assert grid_h <= side and grid_w <= side
