@@ -10,11 +10,12 @@ model or conversion logic of its own: everything it writes is what the real code
 
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
 import uuid
 from pathlib import Path
-from typing import Any, Mapping, Optional, Sequence
+from typing import Any, Iterator, Mapping, Optional, Sequence
 
 import torch
 
@@ -319,3 +320,21 @@ def png_bomb(width: int, height: int, rows: Optional[int] = None) -> bytes:
     idat = _zlib_repeated(row * per_block, rows // per_block, row * (rows % per_block))
     header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
     return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", idat) + chunk(b"IEND", b"")
+
+
+@contextlib.contextmanager
+def no_hang(seconds: int = 60) -> Iterator[None]:
+    """Fail with TimeoutError instead of hanging forever (a FIFO opened for reading blocks until a writer comes; a
+    listing over a symlink loop never ends). Main thread only (SIGALRM)."""
+    import signal
+
+    def expire(signum, frame):
+        raise TimeoutError(f"still running after {seconds} s: a read blocked or a listing never ended")
+
+    previous = signal.signal(signal.SIGALRM, expire)
+    signal.alarm(seconds)
+    try:
+        yield
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)

@@ -13,7 +13,6 @@ Must not load models, read images or talk to other ranks.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import logging
@@ -21,11 +20,10 @@ import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Optional
+from typing import Any, Optional
 
 import torch
 
-from ..errors import ToolError
 from ..io import atomic
 from ..io.files import NotARegularFile, is_regular_file, read_regular_bytes
 from . import writers

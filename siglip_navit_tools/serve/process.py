@@ -18,7 +18,6 @@ import sys
 import threading
 import time
 import urllib.request
-from pathlib import Path
 from typing import Optional, Sequence
 
 from ..io.files import read_regular_text

@@ -3,10 +3,8 @@ directory or device where a config, index, card or weight file is read (refused 
 a config file too large to be one, and weights in a dtype the model is not stored in (fp8: refused at --dry-run too,
 cast exactly when --dtype says how; safetensors dtypes this reader does not know: "unsupported", not "corrupt")."""
 
-import contextlib
 import json
 import os
-import signal
 import struct
 
 import pytest
@@ -14,7 +12,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from siglip_navit_tools.convert import cli as convert_cli
-from siglip_navit_tools.testing import tiny_bagel_checkpoint, unique_dir
+from siglip_navit_tools.testing import no_hang, tiny_bagel_checkpoint, unique_dir
 
 
 def convert(*args) -> int:
@@ -27,20 +25,6 @@ def error_paragraph(err: str) -> str:
     return lines[-1]
 
 
-@contextlib.contextmanager
-def no_hang(seconds=60):
-    """Fail with TimeoutError instead of hanging forever (a FIFO opened for reading blocks until a writer comes)."""
-
-    def expire(signum, frame):
-        raise TimeoutError(f"still running after {seconds} s: a read blocked")
-
-    previous = signal.signal(signal.SIGALRM, expire)
-    signal.alarm(seconds)
-    try:
-        yield
-    finally:
-        signal.alarm(0)
-        signal.signal(signal.SIGALRM, previous)
 
 
 @pytest.fixture
@@ -81,7 +65,7 @@ def test_non_regular_source_files_are_refused_unopened(tmp_path, src, capsys, ki
         _replace(src / "ema.safetensors", kind)
         args = ["--src", src / "ema.safetensors", "--config", src / "vit_config.json"]
     for dry in ([], ["--dry-run"]):
-        with no_hang():
+        with no_hang(60):
             status = convert(*args, "--out", out, *dry)
         assert status == 1
         err = error_paragraph(capsys.readouterr().err)
@@ -96,14 +80,14 @@ def test_non_regular_source_files_are_refused_unopened(tmp_path, src, capsys, ki
 def test_fifo_pickle_source_is_refused_unopened(tmp_path, capsys):
     fifo = tmp_path / "weights.pt"
     os.mkfifo(fifo)
-    with no_hang():
+    with no_hang(60):
         assert convert("--src", fifo, "--out", tmp_path / "out", "--allow-pickle") == 1
     assert "not a regular file (a FIFO)" in error_paragraph(capsys.readouterr().err)
 
 
 def test_fifo_model_card_beside_the_source_is_ignored_unopened(tmp_path, src):
     os.mkfifo(src / "README.md")  # the card is optional: a FIFO there is no card
-    with no_hang():
+    with no_hang(60):
         assert convert("--src", src, "--out", tmp_path / "out") == 0
 
 

@@ -5,13 +5,11 @@ a disk that fills up mid-run, an empty path option, a --model that is a stock Si
 another model (with the command that converts it, which then works), a FIFO in a --model folder; and inputs whose
 listing never ended (a glob or folder over symlink loops)."""
 
-import contextlib
 import errno
 import json
 import os
 import re
 import shlex
-import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -25,7 +23,14 @@ from siglip_navit_tools.convert import cli as convert_cli
 from siglip_navit_tools.extract import cli as extract_cli
 from siglip_navit_tools.io import atomic
 from siglip_navit_tools.repo_code import REPO_ROOT
-from siglip_navit_tools.testing import read_only_prefix, saved_repo, tiny_bagel_checkpoint, tiny_config, unique_dir
+from siglip_navit_tools.testing import (
+    no_hang,
+    read_only_prefix,
+    saved_repo,
+    tiny_bagel_checkpoint,
+    tiny_config,
+    unique_dir,
+)
 
 PROG = "extract_features.py: error: "
 
@@ -43,18 +48,6 @@ def error_line(err: str) -> str:
     return lines[0][len(PROG):]
 
 
-@contextlib.contextmanager
-def no_hang(seconds=120):
-    def expire(signum, frame):
-        raise TimeoutError(f"still running after {seconds} s: a read blocked or a listing never ended")
-
-    previous = signal.signal(signal.SIGALRM, expire)
-    signal.alarm(seconds)
-    try:
-        yield
-    finally:
-        signal.alarm(0)
-        signal.signal(signal.SIGALRM, previous)
 
 
 @pytest.fixture(scope="module")
@@ -113,7 +106,7 @@ def test_output_entries_that_are_not_files_are_one_line_never_opened(tmp_path, i
     out.mkdir()
     (out / name).mkdir() if kind == "directory" else os.mkfifo(out / name)
     for extra in ([], ["--overwrite"]):
-        with no_hang():
+        with no_hang(120):
             status = extract(model_dir, images, out, *extra)
         err = capsys.readouterr().err
         if name.startswith("shard") and kind == "fifo":  # a FIFO at a shard's name is never read, just replaced
@@ -233,7 +226,7 @@ def test_a_fifo_in_the_model_folder_is_refused_unopened(tmp_path, images, model_
     copy.mkdir()
     for f in model_dir.iterdir():
         (copy / f.name).symlink_to(f) if f.name != name else os.mkfifo(copy / name)
-    with no_hang():
+    with no_hang(120):
         assert extract(copy, images, tmp_path / "out") == 2
     assert f"its {name} is not a regular file (a FIFO)" in error_line(capsys.readouterr().err)
 
@@ -253,7 +246,7 @@ def test_inputs_over_symlink_loops_are_listed_once_and_the_run_ends(tmp_path, mo
     root = tmp_path / "loops"
     expected = _photo_tree_with_loops(root)
     out = tmp_path / "out"
-    with no_hang():
+    with no_hang(120):
         assert extract(model_dir, root / "**" / "*.png" if spec == "glob" else root, out) == 0
     data = manifest(out)
     assert sorted(i for s in data["shards"] for i in s["ids"]) == expected and data["complete"]
@@ -263,6 +256,6 @@ def test_a_fifo_shard_left_in_output_is_never_read(tmp_path, images, model_dir):
     out = tmp_path / "out"
     out.mkdir()
     os.mkfifo(out / "shard-00000-of-00009.safetensors")  # matches the shard pattern; read back on recovery
-    with no_hang():
+    with no_hang(120):
         assert extract(model_dir, images, out) == 0
     assert manifest(out)["complete"]

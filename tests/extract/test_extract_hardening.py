@@ -3,11 +3,9 @@ files are skipped unopened, the output lock dies with the main process (kill -9 
 temporaries are removed on resume, a missing / empty / corrupt / foreign manifest is recovered from the shard files,
 dangling symlinks are listed as skipped, one file under several spellings is encoded once, each skip is logged once."""
 
-import contextlib
 import json
 import logging
 import os
-import signal
 import socket
 import subprocess
 import sys
@@ -24,24 +22,11 @@ from siglip_navit_tools.extract import ExtractOptions, UsageError
 from siglip_navit_tools.extract import cli as extract_cli
 from siglip_navit_tools.extract.pipeline import resolve_dtype
 from siglip_navit_tools.extract.shards import lock_output
+from siglip_navit_tools.testing import no_hang
 
 ROOT = repo_code.REPO_ROOT
 
 
-@contextlib.contextmanager
-def no_hang(seconds):
-    """Fail (TimeoutError) instead of hanging forever, e.g. on a FIFO opened for reading."""
-
-    def expire(signum, frame):
-        raise TimeoutError(f"still running after {seconds} s")
-
-    previous = signal.signal(signal.SIGALRM, expire)
-    signal.alarm(seconds)
-    try:
-        yield
-    finally:
-        signal.alarm(0)
-        signal.signal(signal.SIGALRM, previous)
 
 
 def script_env(**extra):

@@ -23,7 +23,6 @@ from _extract_corpora import (
     tiny_model_dir,
     torchrun,
     write_tar,
-    ROOT,
     SLOW_RANK_WORKER,
 )
 

@@ -5,16 +5,16 @@ in after the check -- through local paths and fsspec Locations; glob patterns an
 finish, and list exactly what glob.glob / rglob list on trees without loops."""
 
 import ast
-import contextlib
 import glob
 import os
 import random
-import signal
 import socket
 import stat
 from pathlib import Path
 
 import pytest
+
+from siglip_navit_tools.testing import no_hang
 
 import siglip_navit_tools
 from siglip_navit_tools.io import files
@@ -23,18 +23,6 @@ from siglip_navit_tools.io.lock import FileLock
 from siglip_navit_tools.io.locations import ByteReader, Location, LocationError
 
 
-@contextlib.contextmanager
-def no_hang(seconds=20):
-    def expire(signum, frame):
-        raise TimeoutError(f"still running after {seconds} s")
-
-    previous = signal.signal(signal.SIGALRM, expire)
-    signal.alarm(seconds)
-    try:
-        yield
-    finally:
-        signal.alarm(0)
-        signal.signal(signal.SIGALRM, previous)
 
 
 @pytest.fixture
@@ -62,7 +50,7 @@ KINDS = {"fifo": "a FIFO", "folder": "a directory", "socket": "a socket", "devic
 def test_open_regular_file_refuses_every_other_kind_without_blocking(zoo, name):
     readers = (files.open_regular_file, files.read_regular_bytes, files.read_regular_text, files.check_regular_file)
     for reader in readers:
-        with no_hang(), pytest.raises(NotARegularFile) as info:
+        with no_hang(20), pytest.raises(NotARegularFile) as info:
             reader(zoo / name)
         assert info.value.kind == KINDS[name] and isinstance(info.value, ValueError)
         assert str(info.value).startswith("not a regular file" if name != "dangling" else "dangling symlink")
@@ -82,7 +70,7 @@ def test_a_fifo_swapped_in_after_the_check_is_caught_on_the_descriptor(zoo, monk
         return result
 
     monkeypatch.setattr(os, "stat", stat_says_regular)
-    with no_hang(), pytest.raises(NotARegularFile, match="a FIFO"):
+    with no_hang(20), pytest.raises(NotARegularFile, match="a FIFO"):
         files.open_regular_file(zoo / "fifo")
 
 
@@ -100,7 +88,7 @@ def test_bounded_reads(tmp_path):
 def test_locations_never_open_a_non_regular_local_file(zoo, url, name):
     spec = f"file://{zoo / name}" if url else str(zoo / name)
     loc = Location.parse(spec)
-    with no_hang():
+    with no_hang(20):
         with pytest.raises(NotARegularFile, match=KINDS[name]):
             loc.read_text()
         with pytest.raises(LocationError, match=f"is not a regular file \\({KINDS[name]}\\)"):
@@ -114,7 +102,7 @@ def test_locations_never_open_a_non_regular_local_file(zoo, url, name):
 # ---- the lock file ------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("name", ["fifo", "folder", "socket", "device", "dangling"])
 def test_the_lock_never_opens_nor_follows_anything_but_its_own_regular_file(zoo, name):
-    with no_hang(), pytest.raises(NotARegularFile):
+    with no_hang(20), pytest.raises(NotARegularFile):
         FileLock(zoo / name)
     assert not (zoo / "gone").exists()  # the dangling symlink's target was not created through it
     with FileLock(zoo / "new.lock", remove=True):
