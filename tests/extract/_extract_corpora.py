@@ -15,23 +15,10 @@ from PIL import Image
 
 from siglip_navit_tools import repo_code
 from siglip_navit_tools.extract import cli as extract_cli
-from siglip_navit_tools.testing import build_hub_dir, make_model, tiny_config
+from _extract_helpers import PROCESSOR, tiny_model_dir  # noqa: F401  (re-exported for the corpora tests)
 
-# tiny model on a 16x16 position table (patch 4, 64 px); the processor resizes every image to <= 64 px
-PROCESSOR = {
-    "auto_map": {"AutoImageProcessor": "image_processing_siglip_navit.SiglipNaViTImageProcessor"},
-    "max_image_size": 64, "min_image_size": 16, "image_stride": 4, "patch_size": 4,
-    "max_num_patches_per_side": 16, "max_pixels": 64 * 64, "img_num": 1, "position_id_mode": "extrapolate",
-    "bagel_interleaved_resize": False, "do_resize": True,
-}  # fmt: skip
 ROOT = repo_code.REPO_ROOT
 
-
-def tiny_model_dir(parent: Path, processor: dict = PROCESSOR) -> Path:
-    config = tiny_config(image_size=64, rope=True)
-    target = build_hub_dir(parent, config, make_model(config))
-    (target / "preprocessor_config.json").write_text(json.dumps(processor, indent=2))
-    return target
 
 
 def image_bytes(width: int, height: int, seed: int, fmt: str = "PNG") -> bytes:

@@ -1,6 +1,7 @@
 """Helpers of tests/extract: synthetic images, the per-image reference, one in-process run, and reading its shards."""
 
 import json
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -8,6 +9,23 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from siglip_navit_tools.extract import cli as extract_cli
+from siglip_navit_tools.testing import build_hub_dir, make_model, tiny_config
+
+# tiny model on a 16x16 position table (patch 4, 64 px); the processor resizes every image to <= 64 px
+PROCESSOR = {
+    "auto_map": {"AutoImageProcessor": "image_processing_siglip_navit.SiglipNaViTImageProcessor"},
+    "max_image_size": 64, "min_image_size": 16, "image_stride": 4, "patch_size": 4,
+    "max_num_patches_per_side": 16, "max_pixels": 64 * 64, "img_num": 1, "position_id_mode": "extrapolate",
+    "bagel_interleaved_resize": False, "do_resize": True,
+}  # fmt: skip
+
+
+def tiny_model_dir(parent: Path, processor: dict = PROCESSOR) -> Path:
+    """A converted-repo folder under `parent`: the tiny rope model (64 px, patch 4) and `processor`'s settings."""
+    config = tiny_config(image_size=64, rope=True)
+    target = build_hub_dir(parent, config, make_model(config))
+    (target / "preprocessor_config.json").write_text(json.dumps(processor, indent=2))
+    return target
 
 
 def synthetic(width, height, seed):

@@ -27,16 +27,9 @@ from safetensors import safe_open
 
 from siglip_navit_tools.extract import UsageError, distributed, lock
 from siglip_navit_tools.io import lock as io_lock
-from siglip_navit_tools.testing import build_hub_dir, make_model, tiny_config
 
 WORKER = Path(__file__).with_name("_extract_restart_worker.py")
 NUM_IMAGES, SHARD_SIZE = 24, 2  # 12 shards: both ranks write several
-PROCESSOR = {
-    "auto_map": {"AutoImageProcessor": "image_processing_siglip_navit.SiglipNaViTImageProcessor"},
-    "max_image_size": 64, "min_image_size": 16, "image_stride": 4, "patch_size": 4,
-    "max_num_patches_per_side": 16, "max_pixels": 64 * 64, "img_num": 1, "position_id_mode": "extrapolate",
-    "bagel_interleaved_resize": False, "do_resize": True,
-}  # fmt: skip
 
 STEPS = ("plan", "shard", "between", "manifest")
 ALL_CASES = [(step, rank, action) for step in STEPS for rank in (0, 1) for action in ("kill", "raise")]
@@ -46,14 +39,6 @@ ALL_CASES = [(step, rank, action) for step in STEPS for rank in (0, 1) for actio
 SUITE_CASES = [("shard", 1, "kill"), ("between", 0, "kill")]
 CASES = ALL_CASES if os.environ.get("EXTRACT_RESTART_TRIALS") == "all" else SUITE_CASES
 CASES = CASES * int(os.environ.get("EXTRACT_RESTART_REPEAT", "1"))
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    config = tiny_config(image_size=64, rope=True)
-    target = build_hub_dir(tmp_path_factory.mktemp("model"), config, make_model(config))
-    (target / "preprocessor_config.json").write_text(json.dumps(PROCESSOR, indent=2))
-    return target
 
 
 @pytest.fixture(scope="module")
