@@ -3,7 +3,6 @@ encoded test images, tars written with `tarfile`, the one-forward-per-image refe
 through its own consumer."""
 
 import io
-import json
 import os
 import sys
 import tarfile
@@ -15,7 +14,7 @@ from PIL import Image
 
 from siglip_navit_tools import repo_code
 from siglip_navit_tools.extract import cli as extract_cli
-from _extract_helpers import PROCESSOR, tiny_model_dir  # noqa: F401  (re-exported for the corpora tests)
+from _extract_helpers import PROCESSOR, read_outputs, tiny_model_dir  # noqa: F401  (re-exported for the corpora tests)
 
 ROOT = repo_code.REPO_ROOT
 
@@ -88,21 +87,6 @@ def decoded(data: bytes) -> Image.Image:
     image = Image.open(io.BytesIO(data))
     image.load()
     return image
-
-
-def read_safetensors(output: Path) -> tuple[dict, dict]:
-    """(manifest, {id: (pooled, (h, w), features or None)}) over every shard, checking each id once."""
-    from safetensors.torch import load_file
-
-    manifest = json.loads((output / "manifest.json").read_text())
-    found = {}
-    for shard in manifest["shards"]:
-        tensors = load_file(str(output / shard["file"]))
-        assert tensors["pooled"].shape[0] == len(shard["ids"]) == tensors["grid_hw"].shape[0]
-        for j, image_id in enumerate(shard["ids"]):
-            assert image_id not in found, f"{image_id} in two shards"
-            found[image_id] = (tensors["pooled"][j], tuple(tensors["grid_hw"][j].tolist()), tensors.get(f"features.{j}"))
-    return manifest, found
 
 
 def assert_matches_reference(found: dict, ref: dict, grids: bool = True) -> None:

@@ -17,17 +17,12 @@ from _extract_corpora import (
     decoded,
     extract,
     image_bytes,
-    read_safetensors,
+    read_outputs,
     reference,
     tiny_model_dir,
 )
 
 from siglip_navit_tools.extract import inputs as extract_inputs
-
-
-@pytest.fixture(scope="module")
-def corpora_model(tmp_path_factory):
-    return tiny_model_dir(tmp_path_factory.mktemp("model"))
 
 
 @pytest.fixture
@@ -40,7 +35,7 @@ def photos(tmp_path):
 
 
 @pytest.mark.parametrize("encoding", ["utf-8-sig + CRLF", "utf-8 + CRLF", "utf-8-sig", "utf-16"])
-def test_list_files_from_windows_editors(corpora_model, photos, tmp_path, encoding):
+def test_list_files_from_windows_editors(model_dir, photos, tmp_path, encoding):
     paths = sorted(str(p) for p in photos.iterdir())[:4]
     text = ("\r\n" if "CRLF" in encoding else "\n").join(["# my photos", *paths, ""])
     data = text.encode("utf-16") if encoding == "utf-16" else text.encode(encoding.split(" ")[0])
@@ -48,34 +43,34 @@ def test_list_files_from_windows_editors(corpora_model, photos, tmp_path, encodi
     listing = tmp_path / "list.txt"
     listing.write_bytes(data)
     out = tmp_path / "feats"
-    assert extract(corpora_model, listing, out) == 0
-    manifest, found = read_safetensors(out)
+    assert extract(model_dir, listing, out) == 0
+    manifest, found = read_outputs(out)
     assert sorted(found) == paths and manifest["num_skipped"] == 0  # no "\ufeff/...", no "...png\r"
 
 
 @pytest.mark.parametrize("layout", ["glob", "folder"])
-def test_an_input_covering_the_output_never_reads_it_and_the_rerun_resumes(corpora_model, photos, capsys, layout):
+def test_an_input_covering_the_output_never_reads_it_and_the_rerun_resumes(model_dir, photos, capsys, layout):
     """`--input "photos/**/*"` (or the folder) with `--output photos/feats`: the run's own files are no input."""
     out = photos / "feats"
     spec = f"{photos}/**/*" if layout == "glob" else photos
-    assert extract(corpora_model, spec, out, "--shard-size", 2) == 0
-    first, found = read_safetensors(out)
+    assert extract(model_dir, spec, out, "--shard-size", 2) == 0
+    first, found = read_outputs(out)
     assert sorted(found) == sorted(str(p) for p in photos.glob("*.png")) and first["num_skipped"] == 0
     capsys.readouterr()
-    assert extract(corpora_model, spec, out) == 0  # identical rerun: shard files and manifest are not inputs
+    assert extract(model_dir, spec, out) == 0  # identical rerun: shard files and manifest are not inputs
     assert "0 shard(s) written, 3 already done" in capsys.readouterr().out
     assert json.loads((out / "manifest.json").read_text())["fingerprint"] == first["fingerprint"]
 
 
-def test_a_parquet_glob_covering_a_parquet_output_resumes(corpora_model, tmp_path, capsys):
+def test_a_parquet_glob_covering_a_parquet_output_resumes(model_dir, tmp_path, capsys):
     data = tmp_path / "data"
     data.mkdir()
     table = pa.table({"image": pa.array([image_bytes(30, 20 + i, i) for i in range(3)], pa.binary())})
     pq.write_table(table, str(data / "part-0.parquet"))
     out = data / "feats"  # --format parquet writes data/feats/shard-*.parquet, which the glob also matches
-    assert extract(corpora_model, f"{data}/**/*.parquet", out, "--format", "parquet") == 0
+    assert extract(model_dir, f"{data}/**/*.parquet", out, "--format", "parquet") == 0
     capsys.readouterr()
-    assert extract(corpora_model, f"{data}/**/*.parquet", out, "--format", "parquet") == 0
+    assert extract(model_dir, f"{data}/**/*.parquet", out, "--format", "parquet") == 0
     assert "0 shard(s) written, 1 already done" in capsys.readouterr().out
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["num_inputs"] == 1 and manifest["num_encoded"] == 3
@@ -95,20 +90,20 @@ def grow_after_planning(monkeypatch, victim, new_bytes):
     monkeypatch.setattr(extract_inputs.FileSource, "size", size_then_grow)
 
 
-def test_a_file_that_grows_after_planning_is_planned_again_never_forced_in(corpora_model, photos, tmp_path, monkeypatch):
+def test_a_file_that_grows_after_planning_is_planned_again_never_forced_in(model_dir, photos, tmp_path, monkeypatch):
     """Planned at 32x32 (64 patches, four to a forward of 256), decoded at 64x64 (256 patches): it gets a forward
     of its own; no forward exceeds the budget and the summary's packing efficiency stays <= 100%."""
     victim = photos / "00.png"
     grown = image_bytes(64, 64, 99)
     grow_after_planning(monkeypatch, victim, grown)
     out = tmp_path / "feats"
-    assert extract(corpora_model, photos, out, "--max-patches-per-batch", 256, "--save-grids") == 0
-    manifest, found = read_safetensors(out)
+    assert extract(model_dir, photos, out, "--max-patches-per-batch", 256, "--save-grids") == 0
+    manifest, found = read_outputs(out)
     run = manifest["last_run"]
     assert run["largest_forward"] <= 256 and 0 < run["packing_efficiency"] <= 1
     assert manifest["num_skipped"] == 0 and found[str(victim)][1] == (16, 16)  # the image as decoded
     images = {str(p): decoded(p.read_bytes()) for p in photos.glob("*.png")}
-    assert_matches_reference(found, reference(corpora_model, images))
+    assert_matches_reference(found, reference(model_dir, images))
 
 
 def test_a_file_that_grows_past_the_budget_after_planning_is_skipped(tmp_path, monkeypatch):
@@ -121,7 +116,7 @@ def test_a_file_that_grows_past_the_budget_after_planning_is_skipped(tmp_path, m
     grow_after_planning(monkeypatch, photos / "1.png", image_bytes(48, 48, 7))  # 12 x 12 = 144 patches
     out = tmp_path / "feats"
     assert extract(model, photos, out, "--max-patches-per-batch", 64) == 0
-    manifest, found = read_safetensors(out)
+    manifest, found = read_outputs(out)
     assert sorted(found) == [str(photos / "0.png"), str(photos / "2.png")]
     [entry] = manifest["skipped"]
     assert entry["id"] == str(photos / "1.png")

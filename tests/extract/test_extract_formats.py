@@ -15,17 +15,12 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import torch
-from _extract_corpora import extract, image_bytes, read_safetensors, tiny_model_dir
+from _extract_corpora import extract, image_bytes, read_outputs
 from safetensors.torch import load_file
 
 from siglip_navit_tools.extract import writers
 
 SIZES = [(40, 24), (64, 64), (100, 30), (17, 50), (33, 33), (20, 80), (48, 36), (16, 16)]
-
-
-@pytest.fixture(scope="module")
-def corpora_model(tmp_path_factory):
-    return tiny_model_dir(tmp_path_factory.mktemp("model"))
 
 
 @pytest.fixture(scope="module")
@@ -38,11 +33,11 @@ def photos(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def runs(corpora_model, photos, tmp_path_factory):
+def runs(model_dir, photos, tmp_path_factory):
     """The same inputs written in every format (3 shards of 3), grids saved where the format holds them."""
     root = tmp_path_factory.mktemp("runs")
     for fmt, extra in [("safetensors", ["--save-grids"]), ("parquet", ["--save-grids"]), ("npy", [])]:
-        assert extract(corpora_model, photos, root / fmt, "--format", fmt, "--shard-size", 3, *extra) == 0
+        assert extract(model_dir, photos, root / fmt, "--format", fmt, "--shard-size", 3, *extra) == 0
     return root
 
 
@@ -61,7 +56,7 @@ def test_parquet_output_read_by_pyarrow_pandas_and_datasets_equals_safetensors(r
     import datasets
     import pandas as pd
 
-    manifest, reference = read_safetensors(runs / "safetensors")
+    manifest, reference = read_outputs(runs / "safetensors")
     out = runs / "parquet"
     parquet_manifest = json.loads((out / "manifest.json").read_text())
     assert parquet_manifest["output_format"] == "parquet" and parquet_manifest["complete"]
@@ -100,7 +95,7 @@ def test_npy_output_is_the_autofaiss_layout_and_faiss_finds_each_vector_itself(r
     order, rows in the same order), then a FAISS index over it: each stored vector's nearest neighbour is itself."""
     import faiss
 
-    _, reference = read_safetensors(runs / "safetensors")
+    _, reference = read_outputs(runs / "safetensors")
     out = runs / "npy"
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["output_format"] == "npy" and manifest["complete"] and manifest["num_shards"] == 3
@@ -127,11 +122,11 @@ def test_npy_output_is_the_autofaiss_layout_and_faiss_finds_each_vector_itself(r
     assert np.all(distances[:, 0] <= 1e-6) and np.all(distances[:, 1] > 1e-3)
 
 
-def test_bf16_grids_in_parquet_decode_as_documented(corpora_model, photos, tmp_path):
+def test_bf16_grids_in_parquet_decode_as_documented(model_dir, photos, tmp_path):
     for fmt in ("safetensors", "parquet"):
-        assert extract(corpora_model, photos, tmp_path / fmt, "--format", fmt, "--save-grids", "--dtype",
+        assert extract(model_dir, photos, tmp_path / fmt, "--format", fmt, "--save-grids", "--dtype",
                        "bfloat16") == 0  # fmt: skip
-    _, reference = read_safetensors(tmp_path / "safetensors")
+    _, reference = read_outputs(tmp_path / "safetensors")
     files = sorted(glob.glob(f"{tmp_path / 'parquet'}/*.parquet"))
     assert pq.read_metadata(files[0]).metadata[b"features_dtype"] == b"bfloat16"
     found = parquet_rows(files)
@@ -142,35 +137,35 @@ def test_bf16_grids_in_parquet_decode_as_documented(corpora_model, photos, tmp_p
         assert torch.equal(pooled, reference[image_id][0])
 
 
-def test_another_format_into_the_same_folder_is_refused_unless_overwrite(corpora_model, photos, tmp_path, capsys):
+def test_another_format_into_the_same_folder_is_refused_unless_overwrite(model_dir, photos, tmp_path, capsys):
     out = tmp_path / "feats"
-    assert extract(corpora_model, photos, out, "--shard-size", 4) == 0
+    assert extract(model_dir, photos, out, "--shard-size", 4) == 0
     before = sorted(p.name for p in out.iterdir())
-    assert extract(corpora_model, photos, out, "--format", "parquet") == 2
+    assert extract(model_dir, photos, out, "--format", "parquet") == 2
     assert "holds safetensors features; this run writes --format parquet" in capsys.readouterr().err
     (out / "manifest.json").unlink()  # without a manifest the shard files on disk say it
-    assert extract(corpora_model, photos, out, "--format", "npy") == 2
+    assert extract(model_dir, photos, out, "--format", "npy") == 2
     assert "holds safetensors features; this run writes --format npy" in capsys.readouterr().err
     assert sorted(p.name for p in out.iterdir()) == sorted(set(before) - {"manifest.json"})
-    assert extract(corpora_model, photos, out, "--format", "parquet", "--overwrite") == 0
+    assert extract(model_dir, photos, out, "--format", "parquet", "--overwrite") == 0
     assert not list(out.glob("*.safetensors")) and len(list(out.glob("shard-*.parquet"))) == 1
     assert json.loads((out / "manifest.json").read_text())["output_format"] == "parquet"
-    assert extract(corpora_model, photos, out, "--format", "npy", "--save-grids") == 2
+    assert extract(model_dir, photos, out, "--format", "npy", "--save-grids") == 2
     assert "--format npy holds the pooled vectors only" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("fmt", ["parquet", "npy"])
-def test_resume_and_a_lost_manifest_per_format(corpora_model, photos, tmp_path, capsys, fmt):
+def test_resume_and_a_lost_manifest_per_format(model_dir, photos, tmp_path, capsys, fmt):
     out = tmp_path / "feats"
-    assert extract(corpora_model, photos, out, "--format", fmt, "--shard-size", 3) == 0
+    assert extract(model_dir, photos, out, "--format", fmt, "--shard-size", 3) == 0
     first = json.loads((out / "manifest.json").read_text())
     (out / "manifest.json").unlink()
     capsys.readouterr()
-    assert extract(corpora_model, photos, out, "--format", fmt) == 0  # rebuilt from the shard files
+    assert extract(model_dir, photos, out, "--format", fmt) == 0  # rebuilt from the shard files
     assert "0 shard(s) written, 3 already done" in capsys.readouterr().out
     victim = out / ("shard-00001-of-00003.parquet" if fmt == "parquet" else "embeddings/00001.npy")
     victim.unlink()  # npy: the metadata file alone does not make a finished shard
-    assert extract(corpora_model, photos, out, "--format", fmt) == 0
+    assert extract(model_dir, photos, out, "--format", fmt) == 0
     assert "1 shard(s) written, 2 already done" in capsys.readouterr().out
     again = json.loads((out / "manifest.json").read_text())
     assert again["complete"] and again["shards"] == first["shards"] and again["fingerprint"] == first["fingerprint"]
@@ -187,7 +182,7 @@ def many_photos(tmp_path_factory):
 
 
 def test_save_grids_streams_each_grid_to_the_temporary_file_as_it_is_computed(
-    corpora_model, many_photos, tmp_path, monkeypatch
+    model_dir, many_photos, tmp_path, monkeypatch
 ):
     """One shard of 48 images, 4 per forward: when an image is handed to the writer, the grids of earlier forwards
     are already in the shard's temporary file on disk and no longer alive in memory. Holding a shard's grids until
@@ -206,16 +201,16 @@ def test_save_grids_streams_each_grid_to_the_temporary_file_as_it_is_computed(
     written = []
     monkeypatch.setattr(writers.SafetensorsWriter, "_add", watching_add)
     out = tmp_path / "feats"
-    assert extract(corpora_model, many_photos, out, "--save-grids", "--shard-size", 48, "--max-patches-per-batch",
+    assert extract(model_dir, many_photos, out, "--save-grids", "--shard-size", 48, "--max-patches-per-batch",
                    256) == 0  # fmt: skip
-    manifest, found = read_safetensors(out)
+    manifest, found = read_outputs(out)
     assert len(found) == 48 and manifest["last_run"]["forwards"] == 12
     assert max(alive for alive, _, _ in seen) <= 4, [alive for alive, _, _ in seen]  # this forward's, at most
     for alive, on_disk, added in seen:
         assert on_disk >= added - io.DEFAULT_BUFFER_SIZE, (on_disk, added)  # at most one write buffer not on disk
 
 
-def test_parquet_grids_are_written_a_row_group_at_a_time(corpora_model, many_photos, tmp_path, monkeypatch):
+def test_parquet_grids_are_written_a_row_group_at_a_time(model_dir, many_photos, tmp_path, monkeypatch):
     monkeypatch.setattr(writers, "PARQUET_ROW_GROUP_BYTES", 20_000)  # a grid is 64 x 32 x 4 = 8 KB: 3 per group
     held = []
     real_flush = writers.ParquetWriter._flush
@@ -226,7 +221,7 @@ def test_parquet_grids_are_written_a_row_group_at_a_time(corpora_model, many_pho
 
     monkeypatch.setattr(writers.ParquetWriter, "_flush", watching_flush)
     out = tmp_path / "feats"
-    assert extract(corpora_model, many_photos, out, "--format", "parquet", "--save-grids", "--shard-size", 48,
+    assert extract(model_dir, many_photos, out, "--format", "parquet", "--save-grids", "--shard-size", 48,
                    "--max-patches-per-batch", 256) == 0  # fmt: skip
     [path] = out.glob("shard-*.parquet")
     assert pq.ParquetFile(path).num_row_groups == 16 and max(held) == 3

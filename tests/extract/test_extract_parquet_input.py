@@ -14,20 +14,14 @@ from _extract_corpora import (
     decoded,
     extract,
     image_bytes,
-    read_safetensors,
+    read_outputs,
     reference,
-    tiny_model_dir,
     write_tar,
 )
 from PIL import Image
 
 from siglip_navit_tools.extract import parquet_input, tar_input
 from siglip_navit_tools.extract.inputs import resolve_input
-
-
-@pytest.fixture(scope="module")
-def corpora_model(tmp_path_factory):
-    return tiny_model_dir(tmp_path_factory.mktemp("model"))
 
 
 def exif_rotated_jpeg() -> bytes:
@@ -39,7 +33,7 @@ def exif_rotated_jpeg() -> bytes:
     return buffer.getvalue()
 
 
-def test_hf_image_struct_rows_decode_as_load_dataset_does(corpora_model, tmp_path):
+def test_hf_image_struct_rows_decode_as_load_dataset_does(model_dir, tmp_path):
     import datasets
 
     folder = tmp_path / "data"
@@ -53,8 +47,8 @@ def test_hf_image_struct_rows_decode_as_load_dataset_does(corpora_model, tmp_pat
         ds = datasets.Dataset.from_dict({"image": values, "n": list(range(len(images)))})
         ds.cast_column("image", datasets.Image()).to_parquet(str(folder / name))
     out = tmp_path / "feats"
-    assert extract(corpora_model, folder, out) == 0  # a folder of parquet files; the Image feature found unnamed
-    manifest, found = read_safetensors(out)
+    assert extract(model_dir, folder, out) == 0  # a folder of parquet files; the Image feature found unnamed
+    manifest, found = read_outputs(out)
     assert manifest["complete"] and manifest["input_kind"] == "parquet" and manifest["num_shards"] == 2
     assert [s["input"] for s in manifest["shards"]] == list(rows)
     reasons = {e["id"]: e["error"] for e in manifest["skipped"]}
@@ -67,48 +61,48 @@ def test_hf_image_struct_rows_decode_as_load_dataset_does(corpora_model, tmp_pat
     assert loaded[0]["image"].size == (20, 60)  # what a datasets user gets: the EXIF rotation applied
     ids = ["train-00000.parquet:0", "train-00000.parquet:1", None, None, "train-00001.parquet:0",
            "train-00001.parquet:1"]  # fmt: skip
-    expected = reference(corpora_model, {i: loaded[n]["image"] for n, i in enumerate(ids) if i is not None})
+    expected = reference(model_dir, {i: loaded[n]["image"] for n, i in enumerate(ids) if i is not None})
     assert_matches_reference(found, expected, grids=False)
     assert found["train-00000.parquet:0"][1][0] > found["train-00000.parquet:0"][1][1]  # portrait grid
 
 
-def test_binary_column_over_several_row_groups(corpora_model, tmp_path):
+def test_binary_column_over_several_row_groups(model_dir, tmp_path):
     images = [image_bytes(20 + 7 * i, 50 - 3 * i, 10 + i, "PNG") for i in range(7)]
     table = pa.table({"caption": [f"c{i}" for i in range(7)], "jpg": pa.array(images, pa.binary())})
     pq.write_table(table, str(tmp_path / "part.parquet"), row_group_size=2)  # four row groups
     out = tmp_path / "feats"
-    assert extract(corpora_model, tmp_path / "part.parquet", out, "--image-column", "jpg", "--save-grids",
+    assert extract(model_dir, tmp_path / "part.parquet", out, "--image-column", "jpg", "--save-grids",
                    "--lookahead", 3) == 0  # fmt: skip
-    manifest, found = read_safetensors(out)
+    manifest, found = read_outputs(out)
     assert manifest["complete"] and manifest["num_skipped"] == 0
     assert manifest["shards"][0]["ids"] == [f"part.parquet:{i}" for i in range(7)]  # row order kept
-    assert_matches_reference(found, reference(corpora_model, {f"part.parquet:{i}": decoded(b) for i, b in enumerate(images)}))
+    assert_matches_reference(found, reference(model_dir, {f"part.parquet:{i}": decoded(b) for i, b in enumerate(images)}))
     # without --image-column: the first binary column is the image column
-    assert extract(corpora_model, tmp_path / "part.parquet", tmp_path / "auto") == 0
-    assert sorted(read_safetensors(tmp_path / "auto")[1]) == sorted(found)
+    assert extract(model_dir, tmp_path / "part.parquet", tmp_path / "auto") == 0
+    assert sorted(read_outputs(tmp_path / "auto")[1]) == sorted(found)
 
 
-def test_bad_parquet_inputs_are_named_or_listed(corpora_model, tmp_path, capsys):
+def test_bad_parquet_inputs_are_named_or_listed(model_dir, tmp_path, capsys):
     table = pa.table({"caption": ["a"], "jpg": pa.array([image_bytes(20, 20, 0)], pa.binary())})
     pq.write_table(table, str(tmp_path / "a.parquet"))
-    assert extract(corpora_model, tmp_path / "a.parquet", tmp_path / "x", "--image-column", "png") == 2
+    assert extract(model_dir, tmp_path / "a.parquet", tmp_path / "x", "--image-column", "png") == 2
     err = capsys.readouterr().err
     assert "--image-column 'png' is not a column" in err and "['caption', 'jpg']" in err
-    assert extract(corpora_model, tmp_path / "a.parquet", tmp_path / "y", "--image-column", "caption") == 2
+    assert extract(model_dir, tmp_path / "a.parquet", tmp_path / "y", "--image-column", "caption") == 2
     assert "is string, not a binary column" in capsys.readouterr().err
     pq.write_table(pa.table({"caption": ["a"]}), str(tmp_path / "b.parquet"))
     (tmp_path / "c.parquet").write_bytes(b"PAR1 not really parquet")
     out = tmp_path / "z"
-    assert extract(corpora_model, f"{tmp_path}/*.parquet", out) == 0  # b and c are listed, the run goes on
-    manifest, found = read_safetensors(out)
+    assert extract(model_dir, f"{tmp_path}/*.parquet", out) == 0  # b and c are listed, the run goes on
+    manifest, found = read_outputs(out)
     reasons = {e["id"]: e["error"] for e in manifest["skipped"]}
     assert sorted(found) == ["a.parquet:0"] and set(reasons) == {"b.parquet", "c.parquet"}
     assert "has no image column" in reasons["b.parquet"] and "cannot be read" in reasons["c.parquet"]
     (tmp_path / "0.parquet").write_bytes(b"garbage")  # the first file unreadable: the column comes from the next
-    assert extract(corpora_model, f"{tmp_path}/[0a].parquet", tmp_path / "first") == 0
-    manifest, found = read_safetensors(tmp_path / "first")
+    assert extract(model_dir, f"{tmp_path}/[0a].parquet", tmp_path / "first") == 0
+    manifest, found = read_outputs(tmp_path / "first")
     assert sorted(found) == ["a.parquet:0"] and [e["id"] for e in manifest["skipped"]] == ["0.parquet"]
-    assert extract(corpora_model, tmp_path / "0.parquet", tmp_path / "none") == 2
+    assert extract(model_dir, tmp_path / "0.parquet", tmp_path / "none") == 2
     assert "none readable as parquet" in capsys.readouterr().err
 
 

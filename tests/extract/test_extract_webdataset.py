@@ -17,10 +17,9 @@ from _extract_corpora import (
     extract,
     image_bytes,
     member_offset,
-    read_safetensors,
+    read_outputs,
     reference,
     script_env,
-    tiny_model_dir,
     torchrun,
     write_tar,
     SLOW_RANK_WORKER,
@@ -47,11 +46,6 @@ SKIPPED = {  # id -> a piece of its reason
     "00002.tar/000022": "damaged or truncated",
     "00002.tar": "reading stopped in member '000022.png'",
 }
-
-
-@pytest.fixture(scope="module")
-def corpora_model(tmp_path_factory):
-    return tiny_model_dir(tmp_path_factory.mktemp("model"))
 
 
 @pytest.fixture(scope="module")
@@ -82,12 +76,12 @@ def shards(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def expected(corpora_model):
-    return reference(corpora_model, {image_id: decoded(data) for image_id, data in GOOD.items()})
+def expected(model_dir):
+    return reference(model_dir, {image_id: decoded(data) for image_id, data in GOOD.items()})
 
 
 def check_run(output, expected, grids=True):
-    manifest, found = read_safetensors(output)
+    manifest, found = read_outputs(output)
     assert manifest["complete"] and manifest["input_kind"] == "webdataset" and manifest["num_shards"] == 3
     assert_matches_reference(found, expected, grids)
     reasons = {entry["id"]: entry["error"] for entry in manifest["skipped"]}
@@ -121,10 +115,10 @@ def test_plan_windows_packs_each_window_first_fit_decreasing_and_holds_no_more()
         list(plan_windows(iter([]), 100, 0))
 
 
-def test_brace_range_every_good_sample_once_equal_to_per_image_forwards(corpora_model, shards, expected, tmp_path):
+def test_brace_range_every_good_sample_once_equal_to_per_image_forwards(model_dir, shards, expected, tmp_path):
     out = tmp_path / "feats"
     spec = f"{shards}/{{00000..00002}}.tar"
-    assert extract(corpora_model, spec, out, "--save-grids", "--max-patches-per-batch", 300, "--lookahead", 3) == 0
+    assert extract(model_dir, spec, out, "--save-grids", "--max-patches-per-batch", 300, "--lookahead", 3) == 0
     manifest = check_run(out, expected)
     # one tar -> one shard, ids in tar order, the tar named in the manifest
     assert [s["input"] for s in manifest["shards"]] == ["00000.tar", "00001.tar", "00002.tar"]
@@ -135,55 +129,55 @@ def test_brace_range_every_good_sample_once_equal_to_per_image_forwards(corpora_
 
 
 @pytest.mark.parametrize("how", ["glob", "list", "folder", "file_url", "single"])
-def test_glob_list_folder_and_file_url_name_the_same_tars(corpora_model, shards, expected, tmp_path, how):
+def test_glob_list_folder_and_file_url_name_the_same_tars(model_dir, shards, expected, tmp_path, how):
     listing = tmp_path / "tars.txt"
     listing.write_text("".join(f"{shards}/{n:05d}.tar\n" for n in range(3)))
     spec = {"glob": f"{shards}/*.tar", "list": listing, "folder": shards,
             "file_url": f"file://{shards}/{{00000..00002}}.tar", "single": shards / "00001.tar"}[how]  # fmt: skip
     out = tmp_path / "feats"
-    assert extract(corpora_model, spec, out, "--num-workers", 1 if how == "glob" else 0) == 0
+    assert extract(model_dir, spec, out, "--num-workers", 1 if how == "glob" else 0) == 0
     if how == "single":
-        manifest, found = read_safetensors(out)
+        manifest, found = read_outputs(out)
         assert manifest["complete"] and manifest["num_shards"] == 1 and manifest["num_skipped"] == 0
         assert_matches_reference(found, {k: v for k, v in expected.items() if k.startswith("00001.tar/")}, grids=False)
     else:
         check_run(out, expected, grids=False)
 
 
-def test_image_key_picks_the_entry_and_a_dotted_file_name_needs_it(corpora_model, shards, tmp_path):
+def test_image_key_picks_the_entry_and_a_dotted_file_name_needs_it(model_dir, shards, tmp_path):
     out = tmp_path / "feats"
-    assert extract(corpora_model, shards / "00000.tar", out, "--image-key", "v2.png;png;jpg") == 0
-    manifest, found = read_safetensors(out)
+    assert extract(model_dir, shards / "00000.tar", out, "--image-key", "v2.png;png;jpg") == 0
+    manifest, found = read_outputs(out)
     assert "00000.tar/000006" in found and "00000.tar/000007" in found
     assert {e["id"] for e in manifest["skipped"]} == {"00000.tar/000002", "00000.tar/000003", "00000.tar/000004"}
-    ref = reference(corpora_model, {"00000.tar/000006": decoded(image_bytes(20, 20, 6))})
+    ref = reference(model_dir, {"00000.tar/000006": decoded(image_bytes(20, 20, 6))})
     assert_matches_reference({"00000.tar/000006": found["00000.tar/000006"]}, ref, grids=False)
 
 
-def test_bad_tar_arguments_are_named(corpora_model, shards, tmp_path, capsys):
-    assert extract(corpora_model, shards, tmp_path / "a", "--shard-size", 2) == 2
+def test_bad_tar_arguments_are_named(model_dir, shards, tmp_path, capsys):
+    assert extract(model_dir, shards, tmp_path / "a", "--shard-size", 2) == 2
     assert "--shard-size does not apply" in capsys.readouterr().err
-    assert extract(corpora_model, shards, tmp_path / "b", "--image-column", "jpg") == 2
+    assert extract(model_dir, shards, tmp_path / "b", "--image-column", "jpg") == 2
     assert "whose image is chosen with --image-key" in capsys.readouterr().err
-    assert extract(corpora_model, shards, tmp_path / "c", "--image-key", "jpg; png") == 2
+    assert extract(model_dir, shards, tmp_path / "c", "--image-key", "jpg; png") == 2
     assert "--image-key must be extensions separated by ';'" in capsys.readouterr().err
     mixed = tmp_path / "mixed.txt"
     mixed.write_text(f"{shards}/00000.tar\n{tmp_path}/x.png\n")
-    assert extract(corpora_model, mixed, tmp_path / "d") == 2
+    assert extract(model_dir, mixed, tmp_path / "d") == 2
     assert "names tar / parquet files and other files together" in capsys.readouterr().err
 
 
-def test_a_missing_tar_of_a_brace_range_is_listed_and_the_run_goes_on(corpora_model, shards, tmp_path):
+def test_a_missing_tar_of_a_brace_range_is_listed_and_the_run_goes_on(model_dir, shards, tmp_path):
     out = tmp_path / "feats"
-    assert extract(corpora_model, f"{shards}/{{00001..00003}}.tar", out) == 0
-    manifest, found = read_safetensors(out)
+    assert extract(model_dir, f"{shards}/{{00001..00003}}.tar", out) == 0
+    manifest, found = read_outputs(out)
     assert manifest["complete"] and manifest["num_shards"] == 3
     assert sorted(found) == sorted(k for k in GOOD if k.startswith(("00001.tar/", "00002.tar/")))
     reasons = {e["id"]: e["error"] for e in manifest["skipped"]}
     assert "cannot open the tar" in reasons["00003.tar"] and "FileNotFoundError" in reasons["00003.tar"]
 
 
-def test_two_gloo_ranks_claim_tars_dynamically_and_encode_every_sample_once(corpora_model, tmp_path):
+def test_two_gloo_ranks_claim_tars_dynamically_and_encode_every_sample_once(model_dir, tmp_path):
     root = tmp_path / "many"
     images = {}
     for t in range(6):
@@ -195,20 +189,20 @@ def test_two_gloo_ranks_claim_tars_dynamically_and_encode_every_sample_once(corp
         write_tar(root / f"{t:05d}.tar", members)
     out = tmp_path / "feats"
     env = script_env()  # rank 1 is slow (slow="1:3"): it must end up with fewer tars
-    command = torchrun(corpora_model, f"{root}/{{00000..00005}}.tar", out, "--save-grids", slow="1:3")
+    command = torchrun(model_dir, f"{root}/{{00000..00005}}.tar", out, "--save-grids", slow="1:3")
     proc = subprocess.run(command, env=env,
                           capture_output=True, text=True, timeout=300, stdin=subprocess.DEVNULL)  # fmt: skip
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
-    manifest, found = read_safetensors(out)
+    manifest, found = read_outputs(out)
     assert manifest["complete"] and manifest["num_shards"] == 6 and manifest["num_skipped"] == 0
     fast, slow = manifest["last_run"]["shards_per_rank"]
     assert fast + slow == 6 and slow < fast, (fast, slow)
-    assert_matches_reference(found, reference(corpora_model, {k: decoded(v) for k, v in images.items()}))
+    assert_matches_reference(found, reference(model_dir, {k: decoded(v) for k, v in images.items()}))
 
 
-def test_killed_run_resumes_and_every_sample_is_encoded_once(corpora_model, shards, expected, tmp_path):
+def test_killed_run_resumes_and_every_sample_is_encoded_once(model_dir, shards, expected, tmp_path):
     out = tmp_path / "feats"
-    cmd = [sys.executable, str(SLOW_RANK_WORKER), "0:4", "--model", str(corpora_model), "--input",  # shards slowed
+    cmd = [sys.executable, str(SLOW_RANK_WORKER), "0:4", "--model", str(model_dir), "--input",  # shards slowed
            f"{shards}/{{00000..00002}}.tar", "--output", str(out), "--no-progress", "--num-workers", "1",
            "--save-grids"]  # fmt: skip
     proc = subprocess.Popen(cmd, env=script_env(), stdin=subprocess.DEVNULL,
@@ -223,7 +217,7 @@ def test_killed_run_resumes_and_every_sample_is_encoded_once(corpora_model, shar
     finally:
         proc.wait(timeout=60)
     stamp = (first[0].stat().st_ino, first[0].stat().st_mtime_ns)
-    assert extract(corpora_model, f"{shards}/{{00000..00002}}.tar", out, "--save-grids") == 0
+    assert extract(model_dir, f"{shards}/{{00000..00002}}.tar", out, "--save-grids") == 0
     assert (first[0].stat().st_ino, first[0].stat().st_mtime_ns) == stamp  # kept, not redone
     manifest = check_run(out, expected)
     assert manifest["last_run"]["shards_resumed"] == 1 and manifest["last_run"]["shards_written"] == 2
