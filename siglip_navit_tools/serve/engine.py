@@ -21,6 +21,7 @@ import PIL.Image
 import torch
 
 from .. import repo_code
+from ..extract.distributed import pick_device
 from ..extract.options import UsageError
 from ..extract.pipeline import load_model_and_processor, resolve_dtype
 from .batcher import Waiting
@@ -158,15 +159,9 @@ class Engine:
 
 
 def _device(name: Optional[str]) -> torch.device:
-    """--device -> a torch device this machine has (None: cuda when available, else cpu)."""
-    if name is None:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except (RuntimeError, ValueError) as err:
-        raise UsageError(f"--device {name!r} is not a torch device (e.g. cpu, cuda, cuda:1)") from err
-    if device.type == "cuda" and (not torch.cuda.is_available() or (device.index or 0) >= torch.cuda.device_count()):
-        raise UsageError(f"--device {name!r}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    """--device -> a cpu or cuda device this machine has (the extractor's rule, `distributed.pick_device`: None is
+    cuda when available, else cpu)."""
+    device = pick_device(name)
     if device.type not in ("cpu", "cuda"):
         raise UsageError(f"--device {name!r}: the server runs on cpu or cuda devices")
     return device

@@ -110,9 +110,9 @@ def test_sigterm_under_load_drains_accepted_requests_and_exits_0(repo):
         (["--max-image-pixels", "0"], r"--max-image-pixels must be a positive integer, got 0"),
         (["--workers", "0"], r"--workers must be a positive number of threads, got 0"),
         (["--port", "70000"], r"--port must be in 0..65535, got 70000"),
-        (["--device", "cuda:7"], r"--device 'cuda:7': this machine has \d+ CUDA device\(s\)"),
+        (["--device", "cuda:7"], r"--device 'cuda:7': this machine has (no cuda device|\d+ cuda device\(s\))"),
         (["--device", "foo"], r"--device 'foo' is not a torch device"),
-        (["--device", "meta"], r"--device 'meta': the server runs on cpu or cuda devices"),
+        (["--device", "meta"], r"--device 'meta' holds no data"),
         (["--max-patches-per-batch", "1000"], r"--max-patches-per-batch 1000 cannot hold the largest image this "
                                               r"model's processor makes \(4900 patches\)"),
     ],
