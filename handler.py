@@ -109,6 +109,11 @@ def _decode_base64(text: str, where: str, max_bytes: Optional[int] = None) -> by
         header, sep, text = text.partition(",")
         if not sep or not header.endswith(";base64"):
             raise ValueError(f"{where}: a data: URL must look like 'data:image/png;base64,<data>', got {header[:60]!r}")
+    elif "://" in text[:64]:  # never base64 (its alphabet has no ':'): the commonest mistake, a link to the image
+        raise ValueError(
+            f"{where}: {text[:80]!r} is a URL; images are not fetched from URLs: send the image's bytes as base64 or "
+            "as a 'data:image/png;base64,<data>' URL"
+        )
     compact = "".join(text.split())
     if not compact:
         raise ValueError(f"{where}: empty base64 string")

@@ -149,6 +149,7 @@ VALID = b64(images()[0])
         ({"inputs": 3}, r"inputs: expected a base64 string, raw image bytes or a PIL image, got int"),
         ({"inputs": [VALID, {"image": "x"}]}, r"inputs\[1\]: expected a base64 string, .* got dict"),
         ({"inputs": "not base64 at all!"}, r"inputs: not valid base64"),
+        ({"inputs": [VALID, "s3://bucket/cat.jpg"]}, r"inputs\[1\]: 's3://bucket/cat.jpg' is a URL; images are not fetched"),
         ({"inputs": ""}, r"inputs: empty base64 string"),
         ({"inputs": "data:image/png,abc"}, r"inputs: a data: URL must look like 'data:image/png;base64,<data>'"),
         ({"inputs": b""}, r"inputs: no image data \(0 bytes\)"),
