@@ -7,7 +7,8 @@ members with one key form a sample, `__*__` names and non-files are no samples, 
 entry among `--image-key`'s `;`-separated extensions. An image's id is "<tar name>/<__key__>", the tar name being
 its path below the folder all the run's tars share. Owns how a bad tar is reported: a sample without an image, a
 repeated key, the sample a damaged or truncated tar breaks inside, and the tar itself (id "<tar name>") are listed
-with their reason; what was read before the damage is still encoded. Memory: one member at a time, and only the
+with their reason (a tar must end with its end-of-archive block: one cut where a member header should be is
+truncated, not shorter); what was read before the damage is still encoded. Memory: one member at a time, and only the
 image entries of the sample being read. Must not decode images (the pipeline's workers do) nor pack them.
 """
 
@@ -182,10 +183,45 @@ class _Position:
     last: Optional[str] = None
 
 
+class TruncatedTar(tarfile.ReadError):
+    """A tar that ends (or breaks) where a member header should be, without the end-of-archive zero block."""
+
+
+def _header_class(ends: list) -> type:
+    """A TarInfo whose `fromtarfile` (tarfile's documented header reader) records why reading headers stopped."""
+
+    class _Header(tarfile.TarInfo):
+        @classmethod
+        def fromtarfile(cls, archive: tarfile.TarFile) -> tarfile.TarInfo:
+            try:
+                return super().fromtarfile(archive)
+            except tarfile.HeaderError as exc:
+                ends.append(exc)
+                raise
+
+    return _Header
+
+
+def _check_end(ends: list) -> None:
+    """TruncatedTar (ReadError for a damaged header) unless the headers ended with the end-of-archive zero block. tarfile's stream mode takes a missing,
+    short or invalid header after the first member for the end of the archive, which would drop every member after a
+    cut silently (and commit the tar as complete)."""
+    end = ends[-1] if ends else None
+    if isinstance(end, tarfile.EOFHeaderError):
+        return
+    if isinstance(end, tarfile.EmptyHeaderError):
+        raise TruncatedTar("no end-of-archive marker: the file ends where the next member header should be")
+    if isinstance(end, tarfile.TruncatedHeaderError):
+        raise TruncatedTar("no end-of-archive marker: the file ends inside a member header")
+    raise tarfile.ReadError(f"damaged member header ({end}), and no end-of-archive marker before it")
+
+
 def _members(stream: BinaryIO, wanted: Any, where: _Position) -> Iterator[tuple[str, Optional[bytes]]]:
     """(name, bytes or None) of a tar's sample members in order, streamed (tarfile's "r|*": no seeking, any
-    compression); only the `wanted` members' bytes are read, the others are passed over."""
-    with tarfile.open(fileobj=stream, mode="r|*") as archive:
+    compression); only the `wanted` members' bytes are read, the others are passed over. TruncatedTar when the tar
+    does not end with its end-of-archive block."""
+    ends: list = []
+    with tarfile.open(fileobj=stream, mode="r|*", tarinfo=_header_class(ends)) as archive:
         for info in archive:
             name = where.last = info.name
             if not info.isreg() or _META.match(name) or (name.startswith("__") and name.endswith("__")):
@@ -197,3 +233,4 @@ def _members(stream: BinaryIO, wanted: Any, where: _Position) -> Iterator[tuple[
                 where.reading = None
             yield name, data
             archive.members = []  # tarfile keeps every header otherwise (webdataset does the same)
+    _check_end(ends)
