@@ -116,7 +116,9 @@ class FileSource:
                 "--input: %d path(s) name a file already listed under another spelling, encoded once (first: %r, same "
                 "file as %r)", len(self.duplicates), self.duplicates[0]["id"], self.duplicates[0]["same_as"],
             )  # fmt: skip
-        self.identity: dict = {"kind": "files"}  # the ids (paths) themselves are fingerprinted
+        # the ids (paths) themselves are fingerprinted; relative ones name other files from another directory
+        relative = any(not os.path.isabs(str(image_id)) for image_id in self.ids)
+        self.identity: dict = {"kind": "files", **({"cwd": os.getcwd()} if relative else {})}
 
     def items(self, ids: Iterable[ImageId]) -> Iterator[Item]:
         return (Item(image_id, image_id) for image_id in ids)
@@ -322,6 +324,14 @@ def unit_names(locations: list[str]) -> list[str]:
     while all(len(f) > common for f in folders) and len({tuple(f[: common + 1]) for f in folders}) == 1:
         common += 1
     return ["/".join(location.split("/")[common:]) for location in locations]
+
+
+def unit_folder(locations: list[str], names: list[str]) -> str:
+    """Where the files `unit_names` named are: the folder their names are below (absolute, not symlink-resolved, as
+    files' ids: every node names it the same way) or the URL prefix. Part of the input's identity, so files of the
+    same names in another folder are another run's inputs."""
+    folder = locations[0][: len(locations[0]) - len(names[0])]  # "" when the names are the whole locations
+    return folder if "://" in folder else os.path.join(os.path.abspath(folder or "."), "")
 
 
 def open_stream(location: str) -> BinaryIO:

@@ -17,7 +17,16 @@ from typing import Any, Iterable, Iterator, Optional
 
 import PIL.Image
 
-from .inputs import Item, checked_image_value, error_text, image_value_size, is_bad_image_error, open_stream, unit_names
+from .inputs import (
+    Item,
+    checked_image_value,
+    error_text,
+    image_value_size,
+    is_bad_image_error,
+    open_stream,
+    unit_folder,
+    unit_names,
+)
 from .options import UsageError
 
 ROWS_PER_READ = 64  # rows converted to Python at a time (one row group's column chunk is read at a time)
@@ -82,7 +91,7 @@ class ParquetSource:
         self.duplicates: list[dict] = []
         self.decoder = datasets.Image()
         self.column = self._first_file_column()
-        self.identity = {"kind": "parquet", "column": self.column}
+        self.identity = {"kind": "parquet", "column": self.column, "folder": unit_folder(locations, self.ids)}
 
     def _first_file_column(self) -> str:
         """The image column, from the footer of the first file that can be read (a clear error before anything runs;

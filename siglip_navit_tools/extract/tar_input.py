@@ -25,7 +25,7 @@ from typing import Any, BinaryIO, Iterable, Iterator, Optional
 
 import PIL.Image
 
-from .inputs import Item, error_text, is_bad_image_error, open_stream, unit_names
+from .inputs import Item, error_text, is_bad_image_error, open_stream, unit_folder, unit_names
 
 # webdataset's `tar_file_iterator` streams too, but on a truncated or damaged tar it loses which member broke and ends
 # with the sample in progress looking complete, and a repeated extension stops the whole stream; to list each
@@ -60,7 +60,7 @@ class TarSource:
         self.locations = dict(zip(self.ids, locations))
         self.choices = image_key.split(";")
         self.duplicates: list[dict] = []
-        self.identity = {"kind": "webdataset", "image_key": image_key}
+        self.identity = {"kind": "webdataset", "image_key": image_key, "folder": unit_folder(locations, self.ids)}
 
     # ---- the source interface ------------------------------------------------------------------------------------
     def items(self, tars: Iterable[str]) -> Iterator[Item]:
