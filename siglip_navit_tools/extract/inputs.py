@@ -20,6 +20,7 @@ from __future__ import annotations
 import codecs
 import errno
 import glob
+import gzip
 import io
 import logging
 import os
@@ -32,6 +33,7 @@ from typing import Any, BinaryIO, Iterable, Iterator, NamedTuple, Optional, Unio
 
 import PIL.Image
 
+from ..errors import ToolError
 from ..io.files import NotARegularFile as NotAnImageFile  # a ValueError: a bad image, skipped unopened
 from ..io.files import glob_files, open_regular_file, tree_entries
 from .options import DEFAULT_IMAGE_KEY, UsageError
@@ -66,13 +68,43 @@ _SKIPPABLE_ERRNOS = {
 }
 
 
+# Missing / unreadable by their type, with or without an errno (fsspec raises FileNotFoundError(url) for an HTTP 404).
+_SKIPPABLE_OSERRORS = (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError)
+# OSErrors without an errno that say the BYTES are bad: PIL's decode errors and pyarrow's are plain OSErrors ("image
+# file is truncated", "Invalid page header"), plus these subclasses. Every other errno-less OSError -- the Hub's
+# HfHubHTTPError (429, 5xx), TimeoutError, a dropped connection -- is the network's fault, not the file's.
+_FORMAT_OSERRORS = (PIL.UnidentifiedImageError, gzip.BadGzipFile)
+
+
 def is_bad_image_error(exc: BaseException) -> bool:
     """True for errors that mean "this image cannot be used" (corrupt, truncated, unsupported, missing,
-    unreadable, too large); False for everything else (bugs, out of memory, I/O failures), which stop the run."""
-    if isinstance(exc, OSError):  # PIL's decode errors are OSErrors without an errno ("image file is truncated")
-        return exc.errno is None or exc.errno in _SKIPPABLE_ERRNOS
+    unreadable, too large); False for everything else (bugs, out of memory, I/O and network failures: a timeout, an
+    HTTP error), which stop the run, so a rerun reads the image (or the tar / parquet file) again."""
+    if isinstance(exc, _SKIPPABLE_OSERRORS):
+        return True
+    if isinstance(exc, OSError):
+        if exc.errno is not None:
+            return exc.errno in _SKIPPABLE_ERRNOS
+        if type(exc) is not OSError and not isinstance(exc, _FORMAT_OSERRORS):
+            return False
+        return exc.__cause__ is None or is_bad_image_error(exc.__cause__)  # `raise OSError(...) from timeout`
     return isinstance(
         exc, (ValueError, SyntaxError, EOFError, struct.error, zlib.error, PIL.Image.DecompressionBombError)
+    )
+
+
+class InputReadError(ToolError):
+    """Reading a tar / parquet file of --input failed for a reason that is not the file's (a network or file-system
+    error): the run stops with one paragraph (exit 1) and a rerun reads the file again; nothing of its shard is
+    written."""
+
+
+def read_failure(name: str, exc: BaseException) -> InputReadError:
+    """The one paragraph for a file of --input whose reading failed through no fault of its own."""
+    return InputReadError(
+        f"reading --input file {name!r} failed ({error_text(exc)}); that is a network or file-system error, not "
+        "damage, so the file is not listed as skipped and nothing of its shard was written. The finished shards "
+        "are kept: rerun the same command to resume (it reads this file again)."
     )
 
 

@@ -24,6 +24,7 @@ from .inputs import (
     image_value_size,
     is_bad_image_error,
     open_stream,
+    read_failure,
     unit_folder,
     unit_names,
 )
@@ -105,6 +106,8 @@ class ParquetSource:
                     schema = pq.ParquetFile(stream).schema_arrow
             except Exception as exc:
                 if not is_bad_image_error(exc):
+                    if isinstance(exc, OSError):
+                        raise read_failure(name, exc) from exc
                     raise
                 problems.append(f"{name!r}: {error_text(exc)}")
                 continue
@@ -154,7 +157,9 @@ class ParquetSource:
         except NoImageColumn as exc:
             yield Item(name, None, str(exc))
         except Exception as exc:
-            if not is_bad_image_error(exc):
+            if not is_bad_image_error(exc):  # the network's fault (HTTP error, timeout): a rerun reads the file again
+                if isinstance(exc, OSError):
+                    raise read_failure(name, exc) from exc
                 raise
             stopped = f"reading stopped at row {row} ({error_text(exc)}); the rows before it are encoded" if row else (
                 f"cannot be read: {error_text(exc)}")  # fmt: skip

@@ -25,7 +25,7 @@ from typing import Any, BinaryIO, Iterable, Iterator, Optional
 
 import PIL.Image
 
-from .inputs import Item, error_text, is_bad_image_error, open_stream, unit_folder, unit_names
+from .inputs import Item, error_text, is_bad_image_error, open_stream, read_failure, unit_folder, unit_names
 
 # webdataset's `tar_file_iterator` streams too, but on a truncated or damaged tar it loses which member broke and ends
 # with the sample in progress looking complete, and a repeated extension stops the whole stream; to list each
@@ -33,7 +33,8 @@ from .inputs import Item, error_text, is_bad_image_error, open_stream, unit_fold
 # and meta-file rule (below).
 _META = re.compile(r"__[^/]*__($|/)")  # webdataset's default `skip_meta`: `__key__`-style names are no samples
 # What a damaged, truncated or mis-compressed tar raises while it is read (gzip.BadGzipFile is an OSError without an
-# errno); any other OSError (EIO, ...) is the file system's fault and stops the run.
+# errno); any other OSError (EIO, an HTTP error, a timeout) is the file system's or the network's fault and stops the
+# run (`inputs.is_bad_image_error`).
 _DAMAGE = (tarfile.TarError, EOFError, zlib.error, lzma.LZMAError, gzip.BadGzipFile)
 
 
@@ -82,6 +83,8 @@ class TarSource:
             stream = open_stream(self.locations[tar])
         except Exception as exc:
             if not is_bad_image_error(exc):
+                if isinstance(exc, OSError):
+                    raise read_failure(tar, exc) from exc
                 raise
             yield Item(tar, None, f"cannot open the tar: {error_text(exc)}")
             return
@@ -103,7 +106,9 @@ class TarSource:
                         yield self._finish(tar, sample, seen)
                     sample = _Sample(key)
                 _add(sample, name, extension, data)
-        except _DAMAGE as exc:
+        except (*_DAMAGE, OSError) as exc:
+            if isinstance(exc, OSError) and not isinstance(exc, _DAMAGE) and not is_bad_image_error(exc):
+                raise read_failure(tar, exc) from exc  # the network's fault (HTTP error, timeout): a rerun reads it
             yield from self._damaged(tar, sample, seen, where, exc)
             return
         if sample is not None:
