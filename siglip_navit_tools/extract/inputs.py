@@ -304,6 +304,7 @@ class _Listing:
         """Listed paths -> TarSource (every one a tar), ParquetSource (every one a parquet file) or FileSource."""
         kinds = {_file_kind(p) for p in paths}
         if kinds == {"tar"} or kinds == {"parquet"}:
+            check_protocols(paths, f"{what} {self.spec!r}")
             locations = _unique_locations(paths)
             if self.image_column is not None and kinds == {"tar"}:
                 raise UsageError(f"--image-column applies to datasets and parquet input; {what} {self.spec!r} names "
@@ -325,6 +326,22 @@ class _Listing:
             raise UsageError(f"{what} {self.spec!r}: URLs are read for tar and parquet input only; image files must "
                              "be local paths")  # fmt: skip
         return FileSource(paths)
+
+
+def check_protocols(locations: list[str], where: str) -> None:
+    """UsageError naming `where` unless fsspec can read every URL's protocol here (its backend package installed), so
+    a missing s3fs / aiohttp is one line before anything runs, not a traceback once the model is loaded."""
+    import fsspec
+
+    for protocol in sorted({location.split("://", 1)[0] for location in locations if "://" in location}):
+        try:
+            fsspec.get_filesystem_class(protocol)
+        except ImportError as exc:
+            raise UsageError(f"{where}: reading {protocol}:// URLs needs a package that is not installed ({exc}); "
+                             "install it, or copy the files to a local folder") from exc  # fmt: skip
+        except ValueError as exc:
+            raise UsageError(f"{where}: fsspec knows no protocol {protocol!r} ({exc}); name local files, or URLs "
+                             "fsspec can read (s3://, gs://, hf://, https://, ...)") from exc  # fmt: skip
 
 
 def _is_within(real: str, folder: str) -> bool:
@@ -450,6 +467,7 @@ def _url_glob(url: str) -> list[str]:
     """An fsspec URL glob -> the matching files' URLs, sorted."""
     import fsspec
 
+    check_protocols([url], f"--input {url!r}")
     try:
         fs, pattern = fsspec.core.url_to_fs(url)
         protocol = url.split("://", 1)[0]
