@@ -59,9 +59,9 @@ class TarSource:
     def __init__(self, locations: list[str], image_key: str):
         self.ids: list = unit_names(locations)
         self.locations = dict(zip(self.ids, locations))
-        self.choices = image_key.split(";")
+        self.choices = image_key.lower().split(";")  # extensions are lower-cased (webdataset's rule): so are these
         self.duplicates: list[dict] = []
-        self.identity = {"kind": "webdataset", "image_key": image_key, "folder": unit_folder(locations, self.ids)}
+        self.identity = {"kind": "webdataset", "image_key": ";".join(self.choices), "folder": unit_folder(locations, self.ids)}
 
     # ---- the source interface ------------------------------------------------------------------------------------
     def items(self, tars: Iterable[str]) -> Iterator[Item]:
@@ -122,8 +122,9 @@ class TarSource:
     def _finish(self, tar: str, sample: _Sample, seen: set[str]) -> Item:
         image_id = f"{tar}/{sample.key}"
         if sample.key in seen:
-            return Item(image_id, None, f"the key {sample.key!r} is used by an earlier sample of this tar (its "
-                                        "members are not next to each other); this one is not encoded")  # fmt: skip
+            return Item(image_id, None, f"duplicate key {sample.key!r}: a later sample of this tar with the key of an "
+                                        "earlier one (their members are not next to each other); the id stands for the "
+                                        "earlier sample, this later one is not encoded")  # fmt: skip
         seen.add(sample.key)
         if sample.problem is not None:
             return Item(image_id, None, sample.problem)
