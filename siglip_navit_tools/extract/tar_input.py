@@ -61,7 +61,8 @@ class TarSource:
         self.locations = dict(zip(self.ids, locations))
         self.choices = image_key.lower().split(";")  # extensions are lower-cased (webdataset's rule): so are these
         self.duplicates: list[dict] = []
-        self.identity = {"kind": "webdataset", "image_key": ";".join(self.choices), "folder": unit_folder(locations, self.ids)}
+        folder = unit_folder(locations, self.ids)
+        self.identity = {"kind": "webdataset", "image_key": ";".join(self.choices), "folder": folder}
 
     # ---- the source interface ------------------------------------------------------------------------------------
     def items(self, tars: Iterable[str]) -> Iterator[Item]:
@@ -209,9 +210,9 @@ def _header_class(ends: list) -> type:
 
 
 def _check_end(ends: list) -> None:
-    """TruncatedTar (ReadError for a damaged header) unless the headers ended with the end-of-archive zero block. tarfile's stream mode takes a missing,
-    short or invalid header after the first member for the end of the archive, which would drop every member after a
-    cut silently (and commit the tar as complete)."""
+    """TruncatedTar (ReadError for a damaged header) unless the headers ended with the end-of-archive zero block.
+    tarfile's stream mode takes a missing, short or invalid header after the first member for the end of the archive,
+    which would drop every member after a cut silently (and commit the tar as complete)."""
     end = ends[-1] if ends else None
     if isinstance(end, tarfile.EOFHeaderError):
         return

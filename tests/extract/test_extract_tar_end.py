@@ -96,7 +96,8 @@ def whole_tars(folder, images):
             (src / f"{key}.png").write_bytes(images[key])
         members = [f"{key}.png" for key in KEYS[:3]]
         subprocess.run(["tar", "-cf", str(folder / "gnu.tar"), "-C", str(src), *members], check=True)
-        subprocess.run(["tar", "-b", "1", "-cf", str(folder / "gnu-unpadded.tar"), "-C", str(src), *members], check=True)
+        unpadded = ["tar", "-b", "1", "-cf", str(folder / "gnu-unpadded.tar"), "-C", str(src), *members]
+        subprocess.run(unpadded, check=True)
         names["gnu.tar"] = names["gnu-unpadded.tar"] = KEYS[:3]
     return names
 
