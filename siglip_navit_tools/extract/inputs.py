@@ -20,6 +20,7 @@ from __future__ import annotations
 import codecs
 import errno
 import glob
+import gzip
 import io
 import logging
 import os
@@ -32,6 +33,7 @@ from typing import Any, BinaryIO, Iterable, Iterator, NamedTuple, Optional, Unio
 
 import PIL.Image
 
+from ..errors import ToolError
 from ..io.files import NotARegularFile as NotAnImageFile  # a ValueError: a bad image, skipped unopened
 from ..io.files import glob_files, open_regular_file, tree_entries
 from .options import DEFAULT_IMAGE_KEY, UsageError
@@ -66,13 +68,43 @@ _SKIPPABLE_ERRNOS = {
 }
 
 
+# Missing / unreadable by their type, with or without an errno (fsspec raises FileNotFoundError(url) for an HTTP 404).
+_SKIPPABLE_OSERRORS = (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError)
+# OSErrors without an errno that say the BYTES are bad: PIL's decode errors and pyarrow's are plain OSErrors ("image
+# file is truncated", "Invalid page header"), plus these subclasses. Every other errno-less OSError -- the Hub's
+# HfHubHTTPError (429, 5xx), TimeoutError, a dropped connection -- is the network's fault, not the file's.
+_FORMAT_OSERRORS = (PIL.UnidentifiedImageError, gzip.BadGzipFile)
+
+
 def is_bad_image_error(exc: BaseException) -> bool:
     """True for errors that mean "this image cannot be used" (corrupt, truncated, unsupported, missing,
-    unreadable, too large); False for everything else (bugs, out of memory, I/O failures), which stop the run."""
-    if isinstance(exc, OSError):  # PIL's decode errors are OSErrors without an errno ("image file is truncated")
-        return exc.errno is None or exc.errno in _SKIPPABLE_ERRNOS
+    unreadable, too large); False for everything else (bugs, out of memory, I/O and network failures: a timeout, an
+    HTTP error), which stop the run, so a rerun reads the image (or the tar / parquet file) again."""
+    if isinstance(exc, _SKIPPABLE_OSERRORS):
+        return True
+    if isinstance(exc, OSError):
+        if exc.errno is not None:
+            return exc.errno in _SKIPPABLE_ERRNOS
+        if type(exc) is not OSError and not isinstance(exc, _FORMAT_OSERRORS):
+            return False
+        return exc.__cause__ is None or is_bad_image_error(exc.__cause__)  # `raise OSError(...) from timeout`
     return isinstance(
         exc, (ValueError, SyntaxError, EOFError, struct.error, zlib.error, PIL.Image.DecompressionBombError)
+    )
+
+
+class InputReadError(ToolError):
+    """Reading a tar / parquet file of --input failed for a reason that is not the file's (a network or file-system
+    error): the run stops with one paragraph (exit 1) and a rerun reads the file again; nothing of its shard is
+    written."""
+
+
+def read_failure(name: str, exc: BaseException) -> InputReadError:
+    """The one paragraph for a file of --input whose reading failed through no fault of its own."""
+    return InputReadError(
+        f"reading --input file {name!r} failed ({error_text(exc)}); that is a network or file-system error, not "
+        "damage, so the file is not listed as skipped and nothing of its shard was written. The finished shards "
+        "are kept: rerun the same command to resume (it reads this file again)."
     )
 
 
@@ -116,7 +148,9 @@ class FileSource:
                 "--input: %d path(s) name a file already listed under another spelling, encoded once (first: %r, same "
                 "file as %r)", len(self.duplicates), self.duplicates[0]["id"], self.duplicates[0]["same_as"],
             )  # fmt: skip
-        self.identity: dict = {"kind": "files"}  # the ids (paths) themselves are fingerprinted
+        # the ids (paths) themselves are fingerprinted; relative ones name other files from another directory
+        relative = any(not os.path.isabs(str(image_id)) for image_id in self.ids)
+        self.identity: dict = {"kind": "files", **({"cwd": os.getcwd()} if relative else {})}
 
     def items(self, ids: Iterable[ImageId]) -> Iterator[Item]:
         return (Item(image_id, image_id) for image_id in ids)
@@ -270,6 +304,7 @@ class _Listing:
         """Listed paths -> TarSource (every one a tar), ParquetSource (every one a parquet file) or FileSource."""
         kinds = {_file_kind(p) for p in paths}
         if kinds == {"tar"} or kinds == {"parquet"}:
+            check_protocols(paths, f"{what} {self.spec!r}")
             locations = _unique_locations(paths)
             if self.image_column is not None and kinds == {"tar"}:
                 raise UsageError(f"--image-column applies to datasets and parquet input; {what} {self.spec!r} names "
@@ -291,6 +326,22 @@ class _Listing:
             raise UsageError(f"{what} {self.spec!r}: URLs are read for tar and parquet input only; image files must "
                              "be local paths")  # fmt: skip
         return FileSource(paths)
+
+
+def check_protocols(locations: list[str], where: str) -> None:
+    """UsageError naming `where` unless fsspec can read every URL's protocol here (its backend package installed), so
+    a missing s3fs / aiohttp is one line before anything runs, not a traceback once the model is loaded."""
+    import fsspec
+
+    for protocol in sorted({location.split("://", 1)[0] for location in locations if "://" in location}):
+        try:
+            fsspec.get_filesystem_class(protocol)
+        except ImportError as exc:
+            raise UsageError(f"{where}: reading {protocol}:// URLs needs a package that is not installed ({exc}); "
+                             "install it, or copy the files to a local folder") from exc  # fmt: skip
+        except ValueError as exc:
+            raise UsageError(f"{where}: fsspec knows no protocol {protocol!r} ({exc}); name local files, or URLs "
+                             "fsspec can read (s3://, gs://, hf://, https://, ...)") from exc  # fmt: skip
 
 
 def _is_within(real: str, folder: str) -> bool:
@@ -322,6 +373,14 @@ def unit_names(locations: list[str]) -> list[str]:
     while all(len(f) > common for f in folders) and len({tuple(f[: common + 1]) for f in folders}) == 1:
         common += 1
     return ["/".join(location.split("/")[common:]) for location in locations]
+
+
+def unit_folder(locations: list[str], names: list[str]) -> str:
+    """Where the files `unit_names` named are: the folder their names are below (absolute, not symlink-resolved, as
+    files' ids: every node names it the same way) or the URL prefix. Part of the input's identity, so files of the
+    same names in another folder are another run's inputs."""
+    folder = locations[0][: len(locations[0]) - len(names[0])]  # "" when the names are the whole locations
+    return folder if "://" in folder else os.path.join(os.path.abspath(folder or "."), "")
 
 
 def open_stream(location: str) -> BinaryIO:
@@ -408,6 +467,7 @@ def _url_glob(url: str) -> list[str]:
     """An fsspec URL glob -> the matching files' URLs, sorted."""
     import fsspec
 
+    check_protocols([url], f"--input {url!r}")
     try:
         fs, pattern = fsspec.core.url_to_fs(url)
         protocol = url.split("://", 1)[0]

@@ -2,9 +2,10 @@
 """Parquet files as a source: one file is one unit of work (one output shard), its rows streamed.
 
 Owns which column holds the images (`--image-column`, else the first `datasets` Image feature the file's metadata
-declares, else the first Hugging Face `{"bytes", "path"}` struct, else the first binary column), reading a file one
-row group at a time (`read_row_group`: never a whole file in memory), and the ids: "<file name>:<row>", the
-file name being its path below the folder all the run's files share. A row without an image is listed as skipped; a
+declares, else the first Hugging Face `{"bytes", "path"}` struct, else the first binary column), reading a file
+`ROWS_PER_READ` rows of the image column at a time, page by page (pyarrow's buffered reader: never a whole file,
+nor a whole row group, in memory), and the ids: "<file name>:<row>", the file name being its path below the folder
+all the run's files share. A row without an image is listed as skipped; a
 file that cannot be read (not parquet, no such column, damaged) is listed under its own name, with what was read
 before the damage still encoded. Rows are decoded by `datasets`, exactly as `load_dataset("parquet", ...)[i][column]`
 (EXIF orientation applied). Must not decode images while listing (the pipeline's workers do) nor pack them.
@@ -17,10 +18,21 @@ from typing import Any, Iterable, Iterator, Optional
 
 import PIL.Image
 
-from .inputs import Item, checked_image_value, error_text, image_value_size, is_bad_image_error, open_stream, unit_names
+from .inputs import (
+    Item,
+    checked_image_value,
+    error_text,
+    image_value_size,
+    is_bad_image_error,
+    open_stream,
+    read_failure,
+    unit_folder,
+    unit_names,
+)
 from .options import UsageError
 
-ROWS_PER_READ = 64  # rows converted to Python at a time (one row group's column chunk is read at a time)
+ROWS_PER_READ = 64  # rows converted to Python at a time
+READ_BUFFER_BYTES = 1 << 20  # pyarrow's buffered column reader: the file is read in pieces of this size (plus a page)
 
 
 class NoImageColumn(ValueError):
@@ -82,7 +94,7 @@ class ParquetSource:
         self.duplicates: list[dict] = []
         self.decoder = datasets.Image()
         self.column = self._first_file_column()
-        self.identity = {"kind": "parquet", "column": self.column}
+        self.identity = {"kind": "parquet", "column": self.column, "folder": unit_folder(locations, self.ids)}
 
     def _first_file_column(self) -> str:
         """The image column, from the footer of the first file that can be read (a clear error before anything runs;
@@ -96,6 +108,8 @@ class ParquetSource:
                     schema = pq.ParquetFile(stream).schema_arrow
             except Exception as exc:
                 if not is_bad_image_error(exc):
+                    if isinstance(exc, OSError):
+                        raise read_failure(name, exc) from exc
                     raise
                 problems.append(f"{name!r}: {error_text(exc)}")
                 continue
@@ -133,19 +147,23 @@ class ParquetSource:
         row = 0
         try:
             with open_stream(self.locations[name]) as stream:
-                parquet = pq.ParquetFile(stream)
+                # buffered, not pre-buffered: the column is read page by page as batches are taken, not a whole row
+                # group's column chunk at once (`read_row_group`), so memory is bounded by a page, not a row group
+                parquet = pq.ParquetFile(stream, buffer_size=READ_BUFFER_BYTES, pre_buffer=False)
                 column = self._column_of(parquet.schema_arrow, name)
-                for group in range(parquet.num_row_groups):  # iter_batches would join row groups into one batch
-                    table = parquet.read_row_group(group, columns=[column])
-                    for batch in table.to_batches(max_chunksize=ROWS_PER_READ):
+                for group in range(parquet.num_row_groups):  # one group at a time: a batch never joins two of them
+                    batches = parquet.iter_batches(batch_size=ROWS_PER_READ, row_groups=[group], columns=[column],
+                                                   use_threads=False)  # fmt: skip
+                    for batch in batches:
                         for value in batch.column(0).to_pylist():
                             yield _row_item(f"{name}:{row}", value, column)
                             row += 1
-                    del table
         except NoImageColumn as exc:
             yield Item(name, None, str(exc))
         except Exception as exc:
-            if not is_bad_image_error(exc):
+            if not is_bad_image_error(exc):  # the network's fault (HTTP error, timeout): a rerun reads the file again
+                if isinstance(exc, OSError):
+                    raise read_failure(name, exc) from exc
                 raise
             stopped = f"reading stopped at row {row} ({error_text(exc)}); the rows before it are encoded" if row else (
                 f"cannot be read: {error_text(exc)}")  # fmt: skip

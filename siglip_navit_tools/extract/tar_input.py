@@ -7,7 +7,8 @@ members with one key form a sample, `__*__` names and non-files are no samples, 
 entry among `--image-key`'s `;`-separated extensions. An image's id is "<tar name>/<__key__>", the tar name being
 its path below the folder all the run's tars share. Owns how a bad tar is reported: a sample without an image, a
 repeated key, the sample a damaged or truncated tar breaks inside, and the tar itself (id "<tar name>") are listed
-with their reason; what was read before the damage is still encoded. Memory: one member at a time, and only the
+with their reason (a tar must end with its end-of-archive block: one cut where a member header should be is
+truncated, not shorter); what was read before the damage is still encoded. Memory: one member at a time, and only the
 image entries of the sample being read. Must not decode images (the pipeline's workers do) nor pack them.
 """
 
@@ -24,7 +25,7 @@ from typing import Any, BinaryIO, Iterable, Iterator, Optional
 
 import PIL.Image
 
-from .inputs import Item, error_text, is_bad_image_error, open_stream, unit_names
+from .inputs import Item, error_text, is_bad_image_error, open_stream, read_failure, unit_folder, unit_names
 
 # webdataset's `tar_file_iterator` streams too, but on a truncated or damaged tar it loses which member broke and ends
 # with the sample in progress looking complete, and a repeated extension stops the whole stream; to list each
@@ -32,7 +33,8 @@ from .inputs import Item, error_text, is_bad_image_error, open_stream, unit_name
 # and meta-file rule (below).
 _META = re.compile(r"__[^/]*__($|/)")  # webdataset's default `skip_meta`: `__key__`-style names are no samples
 # What a damaged, truncated or mis-compressed tar raises while it is read (gzip.BadGzipFile is an OSError without an
-# errno); any other OSError (EIO, ...) is the file system's fault and stops the run.
+# errno); any other OSError (EIO, an HTTP error, a timeout) is the file system's or the network's fault and stops the
+# run (`inputs.is_bad_image_error`).
 _DAMAGE = (tarfile.TarError, EOFError, zlib.error, lzma.LZMAError, gzip.BadGzipFile)
 
 
@@ -57,9 +59,10 @@ class TarSource:
     def __init__(self, locations: list[str], image_key: str):
         self.ids: list = unit_names(locations)
         self.locations = dict(zip(self.ids, locations))
-        self.choices = image_key.split(";")
+        self.choices = image_key.lower().split(";")  # extensions are lower-cased (webdataset's rule): so are these
         self.duplicates: list[dict] = []
-        self.identity = {"kind": "webdataset", "image_key": image_key}
+        folder = unit_folder(locations, self.ids)
+        self.identity = {"kind": "webdataset", "image_key": ";".join(self.choices), "folder": folder}
 
     # ---- the source interface ------------------------------------------------------------------------------------
     def items(self, tars: Iterable[str]) -> Iterator[Item]:
@@ -81,6 +84,8 @@ class TarSource:
             stream = open_stream(self.locations[tar])
         except Exception as exc:
             if not is_bad_image_error(exc):
+                if isinstance(exc, OSError):
+                    raise read_failure(tar, exc) from exc
                 raise
             yield Item(tar, None, f"cannot open the tar: {error_text(exc)}")
             return
@@ -102,7 +107,9 @@ class TarSource:
                         yield self._finish(tar, sample, seen)
                     sample = _Sample(key)
                 _add(sample, name, extension, data)
-        except _DAMAGE as exc:
+        except (*_DAMAGE, OSError) as exc:
+            if isinstance(exc, OSError) and not isinstance(exc, _DAMAGE) and not is_bad_image_error(exc):
+                raise read_failure(tar, exc) from exc  # the network's fault (HTTP error, timeout): a rerun reads it
             yield from self._damaged(tar, sample, seen, where, exc)
             return
         if sample is not None:
@@ -116,8 +123,9 @@ class TarSource:
     def _finish(self, tar: str, sample: _Sample, seen: set[str]) -> Item:
         image_id = f"{tar}/{sample.key}"
         if sample.key in seen:
-            return Item(image_id, None, f"the key {sample.key!r} is used by an earlier sample of this tar (its "
-                                        "members are not next to each other); this one is not encoded")  # fmt: skip
+            return Item(image_id, None, f"duplicate key {sample.key!r}: a later sample of this tar with the key of an "
+                                        "earlier one (their members are not next to each other); the id stands for the "
+                                        "earlier sample, this later one is not encoded")  # fmt: skip
         seen.add(sample.key)
         if sample.problem is not None:
             return Item(image_id, None, sample.problem)
@@ -182,10 +190,45 @@ class _Position:
     last: Optional[str] = None
 
 
+class TruncatedTar(tarfile.ReadError):
+    """A tar that ends (or breaks) where a member header should be, without the end-of-archive zero block."""
+
+
+def _header_class(ends: list) -> type:
+    """A TarInfo whose `fromtarfile` (tarfile's documented header reader) records why reading headers stopped."""
+
+    class _Header(tarfile.TarInfo):
+        @classmethod
+        def fromtarfile(cls, archive: tarfile.TarFile) -> tarfile.TarInfo:
+            try:
+                return super().fromtarfile(archive)
+            except tarfile.HeaderError as exc:
+                ends.append(exc)
+                raise
+
+    return _Header
+
+
+def _check_end(ends: list) -> None:
+    """TruncatedTar (ReadError for a damaged header) unless the headers ended with the end-of-archive zero block.
+    tarfile's stream mode takes a missing, short or invalid header after the first member for the end of the archive,
+    which would drop every member after a cut silently (and commit the tar as complete)."""
+    end = ends[-1] if ends else None
+    if isinstance(end, tarfile.EOFHeaderError):
+        return
+    if isinstance(end, tarfile.EmptyHeaderError):
+        raise TruncatedTar("no end-of-archive marker: the file ends where the next member header should be")
+    if isinstance(end, tarfile.TruncatedHeaderError):
+        raise TruncatedTar("no end-of-archive marker: the file ends inside a member header")
+    raise tarfile.ReadError(f"damaged member header ({end}), and no end-of-archive marker before it")
+
+
 def _members(stream: BinaryIO, wanted: Any, where: _Position) -> Iterator[tuple[str, Optional[bytes]]]:
     """(name, bytes or None) of a tar's sample members in order, streamed (tarfile's "r|*": no seeking, any
-    compression); only the `wanted` members' bytes are read, the others are passed over."""
-    with tarfile.open(fileobj=stream, mode="r|*") as archive:
+    compression); only the `wanted` members' bytes are read, the others are passed over. TruncatedTar when the tar
+    does not end with its end-of-archive block."""
+    ends: list = []
+    with tarfile.open(fileobj=stream, mode="r|*", tarinfo=_header_class(ends)) as archive:
         for info in archive:
             name = where.last = info.name
             if not info.isreg() or _META.match(name) or (name.startswith("__") and name.endswith("__")):
@@ -197,3 +240,4 @@ def _members(stream: BinaryIO, wanted: Any, where: _Position) -> Iterator[tuple[
                 where.reading = None
             yield name, data
             archive.members = []  # tarfile keeps every header otherwise (webdataset does the same)
+    _check_end(ends)

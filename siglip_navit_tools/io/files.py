@@ -13,10 +13,13 @@ of a folder inside itself) cannot make a listing endless. Must not know what the
 from __future__ import annotations
 
 import glob
+import logging
 import os
 import stat
 from pathlib import Path
 from typing import BinaryIO, Iterator, Optional, Union
+
+logger = logging.getLogger(__name__)
 
 PathLike = Union[str, os.PathLike]
 
@@ -119,7 +122,8 @@ def _dir_id(path: str, follow: bool) -> Optional[tuple[int, int]]:
 
 def _walk_dirs(top: str, include_hidden: bool, seen: set) -> Iterator[str]:
     """`top` and every directory below it, spelled from `top`; symlinked directories are not entered, and a real
-    directory already listed (a bind-mount loop) is not listed again. Unreadable directories are passed over."""
+    directory already listed (a bind-mount loop) is not listed again. Unreadable directories are passed over, each
+    with a warning naming it (what is inside is not listed)."""
     stack = [top]
     while stack:
         current = stack.pop()
@@ -131,7 +135,8 @@ def _walk_dirs(top: str, include_hidden: bool, seen: set) -> Iterator[str]:
         try:
             with os.scandir(current or ".") as entries:
                 names = sorted(e.name for e in entries if e.is_dir(follow_symlinks=False))
-        except OSError:
+        except OSError as exc:
+            _unreadable(current or ".", exc)
             continue
         stack.extend(os.path.join(current, n) for n in reversed(names) if include_hidden or not n.startswith("."))
 
@@ -172,5 +177,10 @@ def tree_entries(folder: PathLike) -> list[Path]:
             with os.scandir(directory) as entries:
                 out.extend(Path(directory, e.name) for e in entries)
         except OSError:
-            continue
+            continue  # _walk_dirs, scanning the same folder next, warns about it (once)
     return out
+
+
+def _unreadable(directory: str, exc: OSError) -> None:
+    logger.warning("cannot list folder %r (%s: %s): the files inside it are left out", directory,
+                   type(exc).__name__, exc.strerror or exc)  # fmt: skip

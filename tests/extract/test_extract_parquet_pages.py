@@ -1,0 +1,61 @@
+"""Parquet input is read a batch of rows (`parquet_input.ROWS_PER_READ`) at a time, page by page, not a row group:
+a file written as ONE row group (240 x 40 KB images) yields its first row after reading a small part of it, and
+every row after that."""
+
+import io
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from siglip_navit_tools.extract import parquet_input
+from siglip_navit_tools.extract.inputs import resolve_input
+
+
+class CountingFile(io.RawIOBase):
+    """A file that counts the bytes read from it."""
+
+    def __init__(self, path):
+        self.file, self.read_bytes = open(path, "rb"), 0
+
+    def readable(self):
+        return True
+
+    def seekable(self):
+        return True
+
+    def seek(self, offset, whence=0):
+        return self.file.seek(offset, whence)
+
+    def tell(self):
+        return self.file.tell()
+
+    def readinto(self, buffer):
+        n = self.file.readinto(buffer)
+        self.read_bytes += n
+        return n
+
+    def close(self):
+        self.file.close()
+        super().close()
+
+
+def test_one_row_group_file_is_read_page_by_page(tmp_path, monkeypatch):
+    blobs = [np.random.default_rng(i).bytes(40_000) for i in range(240)]  # incompressible, not decoded here
+    path = tmp_path / "one-group.parquet"
+    pq.write_table(pa.table({"jpg": pa.array(blobs, pa.binary())}), str(path), row_group_size=1000, write_batch_size=8)
+    assert pq.ParquetFile(str(path)).metadata.num_row_groups == 1
+    opened = []
+
+    def counting_open(location):
+        opened.append(CountingFile(location))
+        return opened[-1]
+
+    source = resolve_input(str(path))
+    monkeypatch.setattr(parquet_input, "open_stream", counting_open)
+    items = source.items(source.ids)
+    first = next(items)
+    assert first.payload == {"bytes": blobs[0], "path": None}
+    assert parquet_input.ROWS_PER_READ * 40_000 < path.stat().st_size / 3
+    assert opened[-1].read_bytes < path.stat().st_size / 2, (opened[-1].read_bytes, path.stat().st_size)
+    assert [item.payload["bytes"] for item in items] == blobs[1:]
