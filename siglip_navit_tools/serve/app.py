@@ -277,8 +277,11 @@ class Server:
             raise ApiError(503, str(err), type="server_error", code="shutting_down",
                            headers={"Retry-After": "1"}) from err  # fmt: skip
         record.ticket = ticket
-        for index, (image, where, grid) in enumerate(zip(images.images, images.where, images.grids)):
+        opened = images.hand_over()  # each work item holds its image until it is preprocessed, then closes it
+        for index, (where, grid) in enumerate(zip(images.where, images.grids)):
+            image, opened[index] = opened[index], None
             self.pool.submit(self.prepare, ticket, index, image, where, grid, output)
+        del opened, image
         try:
             await self.wait(request, record, ticket, done)
         except asyncio.CancelledError:  # uvicorn gave up on it (--drain-timeout): its queued images leave the queue
@@ -291,6 +294,7 @@ class Server:
     def prepare(self, ticket: Ticket, index: int, image: Any, where: str, grid: tuple, output: str) -> None:
         """Worker thread: decode + preprocess one image and queue it; a failure fails its request."""
         if ticket.cancelled:
+            image.close()
             self.batcher.abandon(ticket, index)
             return
         try:
