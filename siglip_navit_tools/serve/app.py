@@ -42,6 +42,7 @@ from .protocol import ApiError
 logger = logging.getLogger("siglip_navit_tools.serve")
 
 DISCONNECT_POLL_SECONDS = 0.1  # how often a waiting request checks that its client is still there
+STOP_GRACE_SECONDS = 0.2  # past --drain-timeout, for a model thread finishing up (after that: exit regardless)
 LIGHT_THREADS = 2  # threads for the short steps of a request (parse the body, read headers, encode the answer)
 PATCH_BUCKETS = (64, 256, 1024, 2048, 4096, 8192, 16384, 32768, 65536, 131072)
 SECONDS_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
@@ -119,7 +120,9 @@ class Server:
         self.light_pool: Optional[concurrent.futures.ThreadPoolExecutor] = None
         self.workers = options.workers
         self.draining = False
+        self.drain_deadline: Optional[float] = None  # time.monotonic() by which shutdown must be over (--drain-timeout)
         self.in_flight = 0
+        self.model_busy = False  # after stop(): the model thread was still inside a forward nobody waits for
         self.created = int(time.time())
 
     # ---- lifecycle --------------------------------------------------------------------------------------------
@@ -129,18 +132,22 @@ class Server:
         self.batcher.start()
 
     def stop(self) -> None:
-        """After uvicorn's graceful shutdown: finish whatever is admitted, stop the threads."""
-        self.draining = True
-        if not self.batcher.close(timeout=max(1.0, self.options.drain_timeout)):
-            logger.warning("the model thread was still busy after --drain-timeout; exiting anyway")
-        for pool in (self.pool, self.light_pool):
+        """After uvicorn's graceful shutdown (every request answered, or cut at --drain-timeout): finish whatever is
+        still admitted in the time the drain has left (nobody waits for it any more), stop the threads."""
+        self.start_draining()
+        left = max(0.0, self.drain_deadline - time.monotonic())
+        for pool in (self.pool, self.light_pool):  # images not yet being prepared are never needed now
             if pool is not None:
                 pool.shutdown(wait=False, cancel_futures=True)
+        self.model_busy = not self.batcher.close(timeout=left + STOP_GRACE_SECONDS)
+        if self.model_busy:
+            logger.warning("the model thread was still busy after --drain-timeout; exiting anyway")
 
     def start_draining(self) -> None:
-        """SIGTERM / Ctrl-C: new requests get 503 from now on; accepted ones finish."""
+        """SIGTERM / Ctrl-C: new requests get 503 from now on; accepted ones finish (until --drain-timeout)."""
         if not self.draining:
             logger.info("draining: finishing accepted requests, refusing new ones")
+            self.drain_deadline = time.monotonic() + self.options.drain_timeout
         self.draining = True
 
     async def run(self, fn: Callable[..., Any], *args: Any) -> Any:
@@ -174,6 +181,16 @@ class Server:
             response = JSONResponse(err.body(), status_code=err.status, headers=err.headers)
         except ClientGone:
             response = Response(status_code=499)  # nginx's "client closed request": nobody reads it
+        except asyncio.CancelledError:
+            if not self.draining:
+                raise
+            # uvicorn cancels what still runs at --drain-timeout: answer it (the connection is still open), log it
+            _uncancel()
+            record.notes.append("drain_timeout")
+            error = ApiError(503, f"the server shut down before this request finished (--drain-timeout "
+                             f"{self.options.drain_timeout} s); retry it", type="server_error", code="shutting_down",
+                             headers={"Retry-After": "1"})  # fmt: skip
+            response = JSONResponse(error.body(), status_code=error.status, headers=error.headers)
         except Exception:  # noqa: BLE001 - never a stack trace to the client; the log has it
             logger.exception("request %s failed", record.request_id)
             response = JSONResponse(
@@ -320,6 +337,13 @@ class Server:
                 self.batcher.cancel(ticket)
                 record.notes.append(f"client_gone not_started={_not_started(ticket)}")
                 raise ClientGone()
+
+
+def _uncancel() -> None:
+    """The current task caught its cancellation and carries on (to answer its request): clear the request."""
+    task = asyncio.current_task()
+    if task is not None and hasattr(task, "uncancel"):  # Python 3.11+
+        task.uncancel()
 
 
 def _not_started(ticket: Ticket) -> int:

@@ -90,7 +90,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     cli.setup_logging("%(asctime)s %(levelname)s %(message)s", level=options.log_level.upper())
 
     def body() -> int:
-        status = serve(options)
+        status = serve(options, own_process=argv is None)
         if argv is None:
             for sig in (signal.SIGINT, signal.SIGTERM):
                 signal.signal(sig, signal.SIG_IGN)
