@@ -160,7 +160,8 @@ class Server:
     ) -> Response:
         """Auth, draining and concurrency checks around `work`, its errors in OpenAI's shape, metrics, the log line."""
         loop = asyncio.get_running_loop()
-        record = Record(uuid.uuid4().hex[:16], endpoint, deadline=loop.time() + self.options.request_timeout)
+        request_id = getattr(request.state, "request_id", None) or new_request_id()  # RequestIds gave it one
+        record = Record(request_id, endpoint, deadline=loop.time() + self.options.request_timeout)
         start = time.perf_counter()
         counted = False
         try:
@@ -201,7 +202,6 @@ class Server:
                 self.in_flight -= 1
                 self.metrics.in_flight.dec()
         seconds = time.perf_counter() - start
-        response.headers["x-request-id"] = record.request_id
         self.metrics.requests.labels(endpoint, str(response.status_code)).inc()
         if admit:
             self.metrics.request_seconds.labels(endpoint).observe(seconds)
@@ -367,6 +367,34 @@ def _error_response(error: BaseException, record: Record) -> Exception:
                     code="internal_error")  # fmt: skip
 
 
+def new_request_id() -> str:
+    return uuid.uuid4().hex[:16]
+
+
+class RequestIds:
+    """ASGI middleware: every HTTP request gets an id (`request.state.request_id`, the one its log line names) and
+    every response carries it in `x-request-id`: /health, unknown paths and wrong methods included. Plain ASGI, not
+    Starlette's BaseHTTPMiddleware, which runs the endpoint in another task (cancellation and streaming suffer)."""
+
+    def __init__(self, app: Any):
+        self.app = app
+
+    async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        request_id = new_request_id()
+        scope.setdefault("state", {})["request_id"] = request_id
+
+        async def send_with_id(message: dict) -> None:
+            if message["type"] == "http.response.start":
+                headers = [(k, v) for k, v in message.get("headers", []) if k.lower() != b"x-request-id"]
+                message = {**message, "headers": [*headers, (b"x-request-id", request_id.encode())]}
+            await send(message)
+
+        await self.app(scope, receive, send_with_id)
+
+
 # --------------------------------------------------------------------------------------------------------------
 # The app
 # --------------------------------------------------------------------------------------------------------------
@@ -383,6 +411,7 @@ def create_app(server: Server) -> FastAPI:
 
     app = FastAPI(title="siglip-navit", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
     app.state.server = server
+    app.add_middleware(RequestIds)
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:  # unknown path, method

@@ -123,8 +123,11 @@ class ServeOptions:
         )
 
     def model_name(self) -> str:
-        """The served model's id: --served-model-name, else the folder's name (a Hub id as it is)."""
+        """The served model's id: --served-model-name, else the folder's name (of its absolute path: `--model .` is
+        served under the current folder's name, not '.'), or a Hub id as it is."""
         if self.served_model_name:
             return self.served_model_name
-        path = self.model.rstrip("/\\")
-        return os.path.basename(path) if os.path.isdir(path) else path
+        path = self.model.rstrip("/\\") or self.model
+        if not os.path.isdir(path):
+            return path
+        return os.path.basename(os.path.abspath(path)) or path  # the root folder has no name
