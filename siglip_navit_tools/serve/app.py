@@ -7,12 +7,13 @@
     GET  /health          200 while serving (no auth); 503 once draining
     GET  /metrics         Prometheus text
 
-A request's path: auth -> draining / concurrency -> body (bounded) -> JSON -> fields -> images opened on a worker
-thread (limits, patch grids from headers) -> admitted to the batcher (503 + Retry-After if the queue would
-overflow) -> each image decoded and preprocessed on a worker thread, then queued -> the model thread packs it ->
-the response is encoded on a worker thread. Nothing heavy runs on the event loop. Owns the order of these steps,
-the status codes and the metrics; must not parse image data (handler.py's format, through `Engine`), pack images
-(`Batcher`) or run the model (`Engine`).
+A request's path: auth -> draining / concurrency -> body (bounded) -> JSON parsed on a body thread -> fields ->
+images opened on a worker thread (base64 decoded, limits, patch grids from headers) -> admitted to the batcher (503 +
+Retry-After if the queue would overflow) -> each image decoded and preprocessed on a worker thread, then queued (and
+closed: its pixels freed) -> the model thread packs it -> the response is encoded on a body thread. Nothing heavy runs
+on the event loop, and every step is awaited no longer than the request's deadline (--request-timeout: 504). Owns
+the order of these steps, the status codes and the metrics; must not parse image data (handler.py's format, through
+`Engine`), pack images (`Batcher`) or run the model (`Engine`).
 """
 
 from __future__ import annotations
@@ -43,7 +44,6 @@ logger = logging.getLogger("siglip_navit_tools.serve")
 
 DISCONNECT_POLL_SECONDS = 0.1  # how often a waiting request checks that its client is still there
 STOP_GRACE_SECONDS = 0.2  # past --drain-timeout, for a model thread finishing up (after that: exit regardless)
-LIGHT_THREADS = 2  # threads for the short steps of a request (parse the body, read headers, encode the answer)
 PATCH_BUCKETS = (64, 256, 1024, 2048, 4096, 8192, 16384, 32768, 65536, 131072)
 SECONDS_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
 
@@ -114,10 +114,12 @@ class Server:
         )  # fmt: skip
         self.metrics = Metrics(self.batcher)
         self.batcher.on_forward = self.metrics.forward_ran
-        self.pool: Optional[concurrent.futures.ThreadPoolExecutor] = None  # decoding + preprocessing (--workers)
-        # parsing bodies, reading headers, encoding responses: short steps that must not queue behind the heavy ones
-        # (a packed forward finishes many requests at once; their answers should not wait for other images' decoding)
-        self.light_pool: Optional[concurrent.futures.ThreadPoolExecutor] = None
+        # decoding a request's images (base64, headers, then pixels) and preprocessing them: --workers threads
+        self.pool: Optional[concurrent.futures.ThreadPoolExecutor] = None
+        # parsing bodies and encoding responses (up to --max-request-bytes of JSON in, a feature grid's base64 out),
+        # another --workers threads: a packed forward finishes many requests at once, and their answers should not
+        # queue behind other requests' images
+        self.body_pool: Optional[concurrent.futures.ThreadPoolExecutor] = None
         self.workers = options.workers
         self.draining = False
         self.drain_deadline: Optional[float] = None  # time.monotonic() by which shutdown must be over (--drain-timeout)
@@ -128,7 +130,7 @@ class Server:
     # ---- lifecycle --------------------------------------------------------------------------------------------
     def start(self) -> None:
         self.pool = concurrent.futures.ThreadPoolExecutor(self.workers, thread_name_prefix="siglip-navit-prepare")
-        self.light_pool = concurrent.futures.ThreadPoolExecutor(LIGHT_THREADS, thread_name_prefix="siglip-navit-io")
+        self.body_pool = concurrent.futures.ThreadPoolExecutor(self.workers, thread_name_prefix="siglip-navit-body")
         self.batcher.start()
 
     def stop(self) -> None:
@@ -136,7 +138,7 @@ class Server:
         still admitted in the time the drain has left (nobody waits for it any more), stop the threads."""
         self.start_draining()
         left = max(0.0, self.drain_deadline - time.monotonic())
-        for pool in (self.pool, self.light_pool):  # images not yet being prepared are never needed now
+        for pool in (self.pool, self.body_pool):  # images not yet being prepared are never needed now
             if pool is not None:
                 pool.shutdown(wait=False, cancel_futures=True)
         self.model_busy = not self.batcher.close(timeout=left + STOP_GRACE_SECONDS)
@@ -150,9 +152,17 @@ class Server:
             self.drain_deadline = time.monotonic() + self.options.drain_timeout
         self.draining = True
 
-    async def run(self, fn: Callable[..., Any], *args: Any) -> Any:
-        """`fn(*args)`, a short step (parse, headers, encode), on a light-pool thread (never on the event loop)."""
-        return await asyncio.get_running_loop().run_in_executor(self.light_pool, fn, *args)
+    async def run(self, record: Record, pool: concurrent.futures.Executor, fn: Callable[..., Any], *args: Any) -> Any:
+        """`fn(*args)` on a thread of `pool` (never on the event loop), awaited no longer than the request's deadline:
+        504 then (the thread finishes its step; its result is dropped)."""
+        loop = asyncio.get_running_loop()
+        remaining = record.deadline - loop.time()
+        if remaining <= 0:
+            raise self._timeout()
+        try:
+            return await asyncio.wait_for(loop.run_in_executor(pool, fn, *args), remaining)
+        except asyncio.TimeoutError:
+            raise self._timeout() from None
 
     # ---- one request --------------------------------------------------------------------------------------------
     async def handle(
@@ -257,7 +267,7 @@ class Server:
         except ClientDisconnect:  # the client left while sending its body
             record.notes.append("client_gone while sending")
             raise ClientGone() from None
-        return await self.run(protocol.parse_json, body)
+        return await self.run(record, self.body_pool, protocol.parse_json, body)
 
     def _timeout(self) -> ApiError:
         return ApiError(504, f"the request took more than --request-timeout {self.options.request_timeout} s",
@@ -271,7 +281,7 @@ class Server:
     async def encode(self, request: Request, record: Record, inputs: list, output: str) -> tuple[RequestImages, list]:
         """Open, admit, prepare and encode a request's images; returns (the images, one result per image)."""
         try:
-            images = await self.run(self.engine.open_images, inputs, output == "pooled")
+            images = await self.run(record, self.pool, self.engine.open_images, inputs, output == "pooled")
         except OverLimit as err:
             raise _too_large(str(err), param="input") from err
         except BadImage as err:
@@ -453,8 +463,9 @@ def create_app(server: Server) -> FastAPI:
                 record.notes.append(f"user={parsed.user[:64]!r}")
             images, vectors = await server.encode(request, record, parsed.inputs, "pooled")
             body = await server.run(
-                protocol.embeddings_body, vectors, server.engine.name, record.patches, parsed.encoding_format
-            )
+                record, server.body_pool,
+                protocol.embeddings_body, vectors, server.engine.name, record.patches, parsed.encoding_format,
+            )  # fmt: skip
             return Response(body, media_type="application/json")
 
         return await server.handle(request, "/v1/embeddings", work)
@@ -467,8 +478,9 @@ def create_app(server: Server) -> FastAPI:
             output = "pooled" if parsed.pool else parsed.dtype
             images, results = await server.encode(request, record, parsed.inputs, output)
             body = await server.run(
-                protocol.features_body, results, images.grids, server.engine.name, record.patches, parsed.dtype
-            )
+                record, server.body_pool,
+                protocol.features_body, results, images.grids, server.engine.name, record.patches, parsed.dtype,
+            )  # fmt: skip
             return Response(body, media_type="application/json")
 
         return await server.handle(request, "/v1/features", work)

@@ -71,7 +71,9 @@ def build_parser(prog: str = PROG) -> argparse.ArgumentParser:
         help="seconds from arrival until a request gets 504 (default: %(default)s)")  # fmt: skip
     add("--drain-timeout", type=float, default=d.drain_timeout,
         help="seconds SIGTERM / Ctrl-C wait for accepted requests before exiting (default: %(default)s)")  # fmt: skip
-    add("--workers", type=int, default=None, help="decoding / preprocessing threads (default: CPU cores, at most 8)")
+    add("--workers", type=int, default=None,
+        help="threads decoding / preprocessing images, and as many parsing / encoding bodies (default: CPU cores, "
+        "at most 8)")  # fmt: skip
     add("--log-level", choices=list(LOG_LEVELS), default=d.log_level, help="(default: %(default)s)")
     return parser
 

@@ -71,7 +71,8 @@ class ServeOptions:
     request_timeout: float = 60.0
     # seconds SIGTERM / Ctrl-C wait for accepted requests to finish before the server exits anyway
     drain_timeout: float = 30.0
-    # threads decoding and preprocessing images (and parsing / encoding bodies); None: default_workers()
+    # threads decoding and preprocessing images (as many again parse bodies and encode responses); None:
+    # default_workers()
     workers: Optional[int] = None
     # log level of the server's own lines and uvicorn's: debug, info, warning, error
     log_level: str = "info"

@@ -41,7 +41,8 @@ def test_peak_memory_does_not_grow_with_the_images_of_a_request(repo):
     with ServerProcess(repo, ["--dtype", "float32", "--workers", str(WORKERS)], env={"HF_HUB_OFFLINE": "1"}) as server:
 
         def peak_after(inputs: list[str]) -> float:
-            response = httpx.post(server.url + "/v1/embeddings", json={"model": repo.name, "input": inputs}, timeout=120)
+            body = {"model": repo.name, "input": inputs}
+            response = httpx.post(server.url + "/v1/embeddings", json=body, timeout=120)
             assert response.status_code == 200, response.text
             assert len(response.json()["data"]) == len(inputs)
             return server.peak_rss_mb()
