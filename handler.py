@@ -23,7 +23,7 @@ import math
 import os
 import struct
 import zlib
-from typing import Any, Mapping, Optional, Sequence, Union
+from typing import Any, Iterator, Mapping, Optional, Sequence, Union
 
 import PIL.Image
 import torch
@@ -275,6 +275,20 @@ def parse_payload(
     return open_image(inputs, "inputs", limits), kwargs
 
 
+def _decoded_in_turn(images: list, where: Sequence[str], given: Sequence[Any]) -> Iterator[PIL.Image.Image]:
+    """Decode `images` one at a time as the pipeline asks for them, and release each one once the pipeline has
+    preprocessed it (when it asks for the next): the list forgets it, and an image this handler opened itself is
+    closed (its pixels freed). A request's peak memory is one decoded image, not all of them; an image the caller gave
+    as a PIL image (`given`) is the caller's, and is not closed."""
+    for index, name in enumerate(where):
+        image, images[index] = images[index], None
+        try:
+            yield decode_pixels(image, name)
+        finally:
+            if image is not given[index]:
+                image.close()
+
+
 class EndpointHandler:
     """Inference Endpoints' custom handler for this repo: image features from the repo's own pipeline.
 
@@ -306,12 +320,13 @@ class EndpointHandler:
 
     def __call__(self, data: dict[str, Any]) -> list:
         images, kwargs = parse_payload(data, self.limits)
+        given = data["inputs"] if isinstance(data["inputs"], (list, tuple)) else [data["inputs"]]
         if not isinstance(images, list):
             self._check_patches([images], ["inputs"], kwargs)
-            return self.pipeline(decode_pixels(images, "inputs"), **kwargs)
+            return next(self.pipeline(_decoded_in_turn([images], ["inputs"], given), **kwargs))
         where = [f"inputs[{i}]" for i in range(len(images))]
         self._check_patches(images, where, kwargs)
-        return list(self.pipeline((decode_pixels(image, name) for image, name in zip(images, where)), **kwargs))
+        return list(self.pipeline(_decoded_in_turn(images, where, given), **kwargs))
 
     def _check_patches(self, images: list, where: list[str], kwargs: dict[str, Any]) -> None:
         """Each image's patch count from its header size (the processor's `patch_grid`), checked before decoding."""

@@ -7,12 +7,13 @@
     GET  /health          200 while serving (no auth); 503 once draining
     GET  /metrics         Prometheus text
 
-A request's path: auth -> draining / concurrency -> body (bounded) -> JSON -> fields -> images opened on a worker
-thread (limits, patch grids from headers) -> admitted to the batcher (503 + Retry-After if the queue would
-overflow) -> each image decoded and preprocessed on a worker thread, then queued -> the model thread packs it ->
-the response is encoded on a worker thread. Nothing heavy runs on the event loop. Owns the order of these steps,
-the status codes and the metrics; must not parse image data (handler.py's format, through `Engine`), pack images
-(`Batcher`) or run the model (`Engine`).
+A request's path: auth -> draining / concurrency -> body (bounded) -> JSON parsed on a body thread -> fields ->
+images opened on a worker thread (base64 decoded, limits, patch grids from headers) -> admitted to the batcher (503 +
+Retry-After if the queue would overflow) -> each image decoded and preprocessed on a worker thread, then queued (and
+closed: its pixels freed) -> the model thread packs it -> the response is encoded on a body thread. Nothing heavy runs
+on the event loop, and every step is awaited no longer than the request's deadline (--request-timeout: 504). Owns
+the order of these steps, the status codes and the metrics; must not parse image data (handler.py's format, through
+`Engine`), pack images (`Batcher`) or run the model (`Engine`).
 """
 
 from __future__ import annotations
@@ -42,7 +43,7 @@ from .protocol import ApiError
 logger = logging.getLogger("siglip_navit_tools.serve")
 
 DISCONNECT_POLL_SECONDS = 0.1  # how often a waiting request checks that its client is still there
-LIGHT_THREADS = 2  # threads for the short steps of a request (parse the body, read headers, encode the answer)
+STOP_GRACE_SECONDS = 0.2  # past --drain-timeout, for a model thread finishing up (after that: exit regardless)
 PATCH_BUCKETS = (64, 256, 1024, 2048, 4096, 8192, 16384, 32768, 65536, 131072)
 SECONDS_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
 
@@ -113,39 +114,55 @@ class Server:
         )  # fmt: skip
         self.metrics = Metrics(self.batcher)
         self.batcher.on_forward = self.metrics.forward_ran
-        self.pool: Optional[concurrent.futures.ThreadPoolExecutor] = None  # decoding + preprocessing (--workers)
-        # parsing bodies, reading headers, encoding responses: short steps that must not queue behind the heavy ones
-        # (a packed forward finishes many requests at once; their answers should not wait for other images' decoding)
-        self.light_pool: Optional[concurrent.futures.ThreadPoolExecutor] = None
+        # decoding a request's images (base64, headers, then pixels) and preprocessing them: --workers threads
+        self.pool: Optional[concurrent.futures.ThreadPoolExecutor] = None
+        # parsing bodies and encoding responses (up to --max-request-bytes of JSON in, a feature grid's base64 out),
+        # another --workers threads: a packed forward finishes many requests at once, and their answers should not
+        # queue behind other requests' images
+        self.body_pool: Optional[concurrent.futures.ThreadPoolExecutor] = None
         self.workers = options.workers
         self.draining = False
+        self.drain_deadline: Optional[float] = None  # time.monotonic() by which shutdown must be over (--drain-timeout)
         self.in_flight = 0
+        self.model_busy = False  # after stop(): the model thread was still inside a forward nobody waits for
         self.created = int(time.time())
 
     # ---- lifecycle --------------------------------------------------------------------------------------------
     def start(self) -> None:
         self.pool = concurrent.futures.ThreadPoolExecutor(self.workers, thread_name_prefix="siglip-navit-prepare")
-        self.light_pool = concurrent.futures.ThreadPoolExecutor(LIGHT_THREADS, thread_name_prefix="siglip-navit-io")
+        self.body_pool = concurrent.futures.ThreadPoolExecutor(self.workers, thread_name_prefix="siglip-navit-body")
         self.batcher.start()
 
     def stop(self) -> None:
-        """After uvicorn's graceful shutdown: finish whatever is admitted, stop the threads."""
-        self.draining = True
-        if not self.batcher.close(timeout=max(1.0, self.options.drain_timeout)):
-            logger.warning("the model thread was still busy after --drain-timeout; exiting anyway")
-        for pool in (self.pool, self.light_pool):
+        """After uvicorn's graceful shutdown (every request answered, or cut at --drain-timeout): finish whatever is
+        still admitted in the time the drain has left (nobody waits for it any more), stop the threads."""
+        self.start_draining()
+        left = max(0.0, self.drain_deadline - time.monotonic())
+        for pool in (self.pool, self.body_pool):  # images not yet being prepared are never needed now
             if pool is not None:
                 pool.shutdown(wait=False, cancel_futures=True)
+        self.model_busy = not self.batcher.close(timeout=left + STOP_GRACE_SECONDS)
+        if self.model_busy:
+            logger.warning("the model thread was still busy after --drain-timeout; exiting anyway")
 
     def start_draining(self) -> None:
-        """SIGTERM / Ctrl-C: new requests get 503 from now on; accepted ones finish."""
+        """SIGTERM / Ctrl-C: new requests get 503 from now on; accepted ones finish (until --drain-timeout)."""
         if not self.draining:
             logger.info("draining: finishing accepted requests, refusing new ones")
+            self.drain_deadline = time.monotonic() + self.options.drain_timeout
         self.draining = True
 
-    async def run(self, fn: Callable[..., Any], *args: Any) -> Any:
-        """`fn(*args)`, a short step (parse, headers, encode), on a light-pool thread (never on the event loop)."""
-        return await asyncio.get_running_loop().run_in_executor(self.light_pool, fn, *args)
+    async def run(self, record: Record, pool: concurrent.futures.Executor, fn: Callable[..., Any], *args: Any) -> Any:
+        """`fn(*args)` on a thread of `pool` (never on the event loop), awaited no longer than the request's deadline:
+        504 then (the thread finishes its step; its result is dropped)."""
+        loop = asyncio.get_running_loop()
+        remaining = record.deadline - loop.time()
+        if remaining <= 0:
+            raise self._timeout()
+        try:
+            return await asyncio.wait_for(loop.run_in_executor(pool, fn, *args), remaining)
+        except asyncio.TimeoutError:
+            raise self._timeout() from None
 
     # ---- one request --------------------------------------------------------------------------------------------
     async def handle(
@@ -153,7 +170,8 @@ class Server:
     ) -> Response:
         """Auth, draining and concurrency checks around `work`, its errors in OpenAI's shape, metrics, the log line."""
         loop = asyncio.get_running_loop()
-        record = Record(uuid.uuid4().hex[:16], endpoint, deadline=loop.time() + self.options.request_timeout)
+        request_id = getattr(request.state, "request_id", None) or new_request_id()  # RequestIds gave it one
+        record = Record(request_id, endpoint, deadline=loop.time() + self.options.request_timeout)
         start = time.perf_counter()
         counted = False
         try:
@@ -174,6 +192,16 @@ class Server:
             response = JSONResponse(err.body(), status_code=err.status, headers=err.headers)
         except ClientGone:
             response = Response(status_code=499)  # nginx's "client closed request": nobody reads it
+        except asyncio.CancelledError:
+            if not self.draining:
+                raise
+            # uvicorn cancels what still runs at --drain-timeout: answer it (the connection is still open), log it
+            _uncancel()
+            record.notes.append("drain_timeout")
+            error = ApiError(503, f"the server shut down before this request finished (--drain-timeout "
+                             f"{self.options.drain_timeout} s); retry it", type="server_error", code="shutting_down",
+                             headers={"Retry-After": "1"})  # fmt: skip
+            response = JSONResponse(error.body(), status_code=error.status, headers=error.headers)
         except Exception:  # noqa: BLE001 - never a stack trace to the client; the log has it
             logger.exception("request %s failed", record.request_id)
             response = JSONResponse(
@@ -184,7 +212,6 @@ class Server:
                 self.in_flight -= 1
                 self.metrics.in_flight.dec()
         seconds = time.perf_counter() - start
-        response.headers["x-request-id"] = record.request_id
         self.metrics.requests.labels(endpoint, str(response.status_code)).inc()
         if admit:
             self.metrics.request_seconds.labels(endpoint).observe(seconds)
@@ -240,7 +267,7 @@ class Server:
         except ClientDisconnect:  # the client left while sending its body
             record.notes.append("client_gone while sending")
             raise ClientGone() from None
-        return await self.run(protocol.parse_json, body)
+        return await self.run(record, self.body_pool, protocol.parse_json, body)
 
     def _timeout(self) -> ApiError:
         return ApiError(504, f"the request took more than --request-timeout {self.options.request_timeout} s",
@@ -254,7 +281,7 @@ class Server:
     async def encode(self, request: Request, record: Record, inputs: list, output: str) -> tuple[RequestImages, list]:
         """Open, admit, prepare and encode a request's images; returns (the images, one result per image)."""
         try:
-            images = await self.run(self.engine.open_images, inputs, output == "pooled")
+            images = await self.run(record, self.pool, self.engine.open_images, inputs, output == "pooled")
         except OverLimit as err:
             raise _too_large(str(err), param="input") from err
         except BadImage as err:
@@ -277,8 +304,11 @@ class Server:
             raise ApiError(503, str(err), type="server_error", code="shutting_down",
                            headers={"Retry-After": "1"}) from err  # fmt: skip
         record.ticket = ticket
-        for index, (image, where, grid) in enumerate(zip(images.images, images.where, images.grids)):
+        opened = images.hand_over()  # each work item holds its image until it is preprocessed, then closes it
+        for index, (where, grid) in enumerate(zip(images.where, images.grids)):
+            image, opened[index] = opened[index], None
             self.pool.submit(self.prepare, ticket, index, image, where, grid, output)
+        del opened, image
         try:
             await self.wait(request, record, ticket, done)
         except asyncio.CancelledError:  # uvicorn gave up on it (--drain-timeout): its queued images leave the queue
@@ -291,6 +321,7 @@ class Server:
     def prepare(self, ticket: Ticket, index: int, image: Any, where: str, grid: tuple, output: str) -> None:
         """Worker thread: decode + preprocess one image and queue it; a failure fails its request."""
         if ticket.cancelled:
+            image.close()
             self.batcher.abandon(ticket, index)
             return
         try:
@@ -318,6 +349,13 @@ class Server:
                 raise ClientGone()
 
 
+def _uncancel() -> None:
+    """The current task caught its cancellation and carries on (to answer its request): clear the request."""
+    task = asyncio.current_task()
+    if task is not None and hasattr(task, "uncancel"):  # Python 3.11+
+        task.uncancel()
+
+
 def _not_started(ticket: Ticket) -> int:
     """Images of a cancelled request that never reached a forward (dropped from the queue, or never queued)."""
     return sum(state in (DROPPED, PREPARING) for state in ticket.states)
@@ -339,6 +377,34 @@ def _error_response(error: BaseException, record: Record) -> Exception:
                     code="internal_error")  # fmt: skip
 
 
+def new_request_id() -> str:
+    return uuid.uuid4().hex[:16]
+
+
+class RequestIds:
+    """ASGI middleware: every HTTP request gets an id (`request.state.request_id`, the one its log line names) and
+    every response carries it in `x-request-id`: /health, unknown paths and wrong methods included. Plain ASGI, not
+    Starlette's BaseHTTPMiddleware, which runs the endpoint in another task (cancellation and streaming suffer)."""
+
+    def __init__(self, app: Any):
+        self.app = app
+
+    async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        request_id = new_request_id()
+        scope.setdefault("state", {})["request_id"] = request_id
+
+        async def send_with_id(message: dict) -> None:
+            if message["type"] == "http.response.start":
+                headers = [(k, v) for k, v in message.get("headers", []) if k.lower() != b"x-request-id"]
+                message = {**message, "headers": [*headers, (b"x-request-id", request_id.encode())]}
+            await send(message)
+
+        await self.app(scope, receive, send_with_id)
+
+
 # --------------------------------------------------------------------------------------------------------------
 # The app
 # --------------------------------------------------------------------------------------------------------------
@@ -355,6 +421,7 @@ def create_app(server: Server) -> FastAPI:
 
     app = FastAPI(title="siglip-navit", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
     app.state.server = server
+    app.add_middleware(RequestIds)
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:  # unknown path, method
@@ -396,8 +463,9 @@ def create_app(server: Server) -> FastAPI:
                 record.notes.append(f"user={parsed.user[:64]!r}")
             images, vectors = await server.encode(request, record, parsed.inputs, "pooled")
             body = await server.run(
-                protocol.embeddings_body, vectors, server.engine.name, record.patches, parsed.encoding_format
-            )
+                record, server.body_pool,
+                protocol.embeddings_body, vectors, server.engine.name, record.patches, parsed.encoding_format,
+            )  # fmt: skip
             return Response(body, media_type="application/json")
 
         return await server.handle(request, "/v1/embeddings", work)
@@ -410,8 +478,9 @@ def create_app(server: Server) -> FastAPI:
             output = "pooled" if parsed.pool else parsed.dtype
             images, results = await server.encode(request, record, parsed.inputs, output)
             body = await server.run(
-                protocol.features_body, results, images.grids, server.engine.name, record.patches, parsed.dtype
-            )
+                record, server.body_pool,
+                protocol.features_body, results, images.grids, server.engine.name, record.patches, parsed.dtype,
+            )  # fmt: skip
             return Response(body, media_type="application/json")
 
         return await server.handle(request, "/v1/features", work)

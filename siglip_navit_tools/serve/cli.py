@@ -71,7 +71,9 @@ def build_parser(prog: str = PROG) -> argparse.ArgumentParser:
         help="seconds from arrival until a request gets 504 (default: %(default)s)")  # fmt: skip
     add("--drain-timeout", type=float, default=d.drain_timeout,
         help="seconds SIGTERM / Ctrl-C wait for accepted requests before exiting (default: %(default)s)")  # fmt: skip
-    add("--workers", type=int, default=None, help="decoding / preprocessing threads (default: CPU cores, at most 8)")
+    add("--workers", type=int, default=None,
+        help="threads decoding / preprocessing images, and as many parsing / encoding bodies (default: CPU cores, "
+        "at most 8)")  # fmt: skip
     add("--log-level", choices=list(LOG_LEVELS), default=d.log_level, help="(default: %(default)s)")
     return parser
 
@@ -90,7 +92,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     cli.setup_logging("%(asctime)s %(levelname)s %(message)s", level=options.log_level.upper())
 
     def body() -> int:
-        status = serve(options)
+        status = serve(options, own_process=argv is None)
         if argv is None:
             for sig in (signal.SIGINT, signal.SIGTERM):
                 signal.signal(sig, signal.SIG_IGN)

@@ -60,6 +60,12 @@ class RequestImages:
     def patches(self) -> list[int]:
         return [h * w for h, w in self.grids]
 
+    def hand_over(self) -> list:
+        """The images, forgotten here: whoever prepares one holds it until it is preprocessed, and no longer (a
+        request's decoded images must not all stay alive until its response is built)."""
+        images, self.images = self.images, [None] * len(self.images)
+        return images
+
 
 class Engine:
     """The served model, its processor and the request limits."""
@@ -116,7 +122,19 @@ class Engine:
         return RequestImages(images, where, grids)
 
     def prepare(self, image: PIL.Image.Image, where: str, grid: tuple[int, int], output: str) -> Prepared:
-        """Decode one image and preprocess it into its own pack (on a worker thread, one image at a time)."""
+        """Decode one image and preprocess it into its own pack (on a worker thread, one image at a time); the image
+        is closed afterwards, so its decoded pixels are freed as soon as its pack exists (not when its request ends)."""
+        try:
+            pack = self._pack(image, where)
+        finally:
+            image.close()
+        got = tuple(int(v) for v in pack["image_grid_hw"][0])
+        if got != tuple(grid):  # the header promised another size than the data holds
+            raise BadImage(f"{where}: the image header says a {grid} patch grid, the decoded image gives {got}")
+        return Prepared(pack, output)
+
+    def _pack(self, image: PIL.Image.Image, where: str) -> Any:
+        """Decode + preprocess; a bad image is BadImage, one over a limit OverLimit (both named by `where`)."""
         try:
             decoded = self.request_format.decode_pixels(image, where)
         except self.request_format.RequestLimitError as err:
@@ -124,13 +142,9 @@ class Engine:
         except ValueError as err:
             raise BadImage(str(err)) from err
         try:
-            pack = self.processor(decoded)
+            return self.processor(decoded)
         except (ValueError, TypeError, OSError) as err:
             raise BadImage(f"{where}: {_without_image_prefix(err)}") from err
-        got = tuple(int(v) for v in pack["image_grid_hw"][0])
-        if got != tuple(grid):  # the header promised another size than the data holds
-            raise BadImage(f"{where}: the image header says a {grid} patch grid, the decoded image gives {got}")
-        return Prepared(pack, output)
 
     # ---- the model thread ---------------------------------------------------------------------------------------
     def forward(self, items: list[Waiting]) -> list[torch.Tensor]:

@@ -71,7 +71,8 @@ class ServeOptions:
     request_timeout: float = 60.0
     # seconds SIGTERM / Ctrl-C wait for accepted requests to finish before the server exits anyway
     drain_timeout: float = 30.0
-    # threads decoding and preprocessing images (and parsing / encoding bodies); None: default_workers()
+    # threads decoding and preprocessing images (as many again parse bodies and encode responses); None:
+    # default_workers()
     workers: Optional[int] = None
     # log level of the server's own lines and uvicorn's: debug, info, warning, error
     log_level: str = "info"
@@ -123,8 +124,11 @@ class ServeOptions:
         )
 
     def model_name(self) -> str:
-        """The served model's id: --served-model-name, else the folder's name (a Hub id as it is)."""
+        """The served model's id: --served-model-name, else the folder's name (of its absolute path: `--model .` is
+        served under the current folder's name, not '.'), or a Hub id as it is."""
         if self.served_model_name:
             return self.served_model_name
-        path = self.model.rstrip("/\\")
-        return os.path.basename(path) if os.path.isdir(path) else path
+        path = self.model.rstrip("/\\") or self.model
+        if not os.path.isdir(path):
+            return path
+        return os.path.basename(os.path.abspath(path)) or path  # the root folder has no name

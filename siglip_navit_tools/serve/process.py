@@ -1,7 +1,8 @@
 # Copyright 2026 The siglip-navit authors. Licensed under the Apache License, Version 2.0.
 """`ServerProcess`: `serve.py` started as a child process on a free loopback port, as a user starts it.
 
-Owns starting the command (`python <repo root>/serve.py --model ... --port 0 ...` in the caller's working directory;
+Owns starting the command (`python <repo root>/serve.py --model ... --port 0 ...` in the caller's working directory
+or `cwd`;
 serve.py's folder puts the package on the path, so no install is needed),
 learning its port from the server's "listening on" line, waiting for /health, keeping its log lines, and stopping it
 (SIGTERM: the server drains and exits 0). Used by the tests and the benchmarks; must not talk the API itself.
@@ -29,9 +30,17 @@ RUNNING = re.compile(r"serve\.py: listening on http://([^:\s]+):(\d+)")  # run.L
 class ServerProcess:
     """`serve.py --model MODEL --port 0 *args` in a child process; a context manager that always ends it."""
 
-    def __init__(self, model: str, args: Sequence[str] = (), env: Optional[dict] = None, python: str = sys.executable):
+    def __init__(
+        self,
+        model: str,
+        args: Sequence[str] = (),
+        env: Optional[dict] = None,
+        python: str = sys.executable,
+        cwd: Optional[str] = None,
+    ):
         self.command = [python, str(REPO_ROOT / "serve.py"), "--model", str(model), "--port", "0", *args]
         self.env = {**os.environ, **(env or {})}
+        self.cwd = cwd  # the working directory to start it in (None: the caller's)
         self.lines: list[str] = []
         self.url = ""
         self.process: Optional[subprocess.Popen] = None
@@ -41,7 +50,7 @@ class ServerProcess:
     def start(self, timeout: float = 180.0) -> "ServerProcess":
         """Start it and wait until /health answers 200; raises with the log if it exits or times out first."""
         self.process = subprocess.Popen(
-            self.command, env=self.env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
+            self.command, env=self.env, cwd=self.cwd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
         )
         self._reader = threading.Thread(target=self._read, daemon=True)
         self._reader.start()

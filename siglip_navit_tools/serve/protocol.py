@@ -135,7 +135,9 @@ def parse_embeddings(data: Any) -> EmbeddingsRequest:
 def parse_features(data: Any) -> FeaturesRequest:
     """The body of POST /v1/features."""
     data = _object(data, FEATURES_FIELDS, "/v1/features")
-    pool = data.get("pool", False)
+    pool = data.get("pool")
+    if pool is None:  # null means the default, as for `dtype`
+        pool = False
     if not isinstance(pool, bool):
         raise bad_request(f"'pool' must be true or false, got {pool!r}", param="pool")
     dtype = _choice(data, "dtype", FEATURE_DTYPES, "float32")

@@ -5,7 +5,8 @@ Owns the order (check the options -> load the model and its processor -> warm up
 and the shutdown contract: on SIGTERM or Ctrl-C, new requests get 503 while every accepted request finishes (up to
 --drain-timeout), then the process exits 0. uvicorn's own `capture_signals` re-raises the signal after its graceful
 shutdown (so a SIGTERM'd server would die of SIGTERM); `DrainingServer` keeps the graceful part and drops the
-re-raise. Must not hold request handling (app) or packing (batcher).
+re-raise. A request still running at --drain-timeout is answered 503 (the app does that); the model thread gets only
+the time the drain has left. Must not hold request handling (app) or packing (batcher).
 """
 
 from __future__ import annotations
@@ -59,9 +60,11 @@ class DrainingServer(uvicorn.Server):
         super().handle_exit(sig, frame)
 
 
-def serve(options: ServeOptions, api_key: Optional[str] = None) -> int:
+def serve(options: ServeOptions, api_key: Optional[str] = None, *, own_process: bool = False) -> int:
     """Serve `options.model` until SIGTERM / Ctrl-C; returns 0 after a graceful drain. `api_key` (default: the
-    SIGLIP_NAVIT_API_KEY environment variable) makes every endpoint but /health require it."""
+    SIGLIP_NAVIT_API_KEY environment variable) makes every endpoint but /health require it. `own_process` (the
+    command line: this process is the server's own): if a forward is still running when --drain-timeout is over,
+    the process exits 0 at once instead of returning."""
     options.validate()
     if options.workers is None:
         options.workers = default_workers()
@@ -81,4 +84,17 @@ def serve(options: ServeOptions, api_key: Optional[str] = None) -> int:
     )  # fmt: skip
     DrainingServer(config, server).run()
     logger.info("stopped")
+    if own_process and server.model_busy:
+        # the model thread (a daemon) is inside a forward whose requests were answered 503: a normal interpreter exit
+        # would tear torch's thread pools down under it, and the C++ runtime aborts (SIGABRT), so leave right now
+        _exit_now(0)
     return 0
+
+
+def _exit_now(status: int) -> None:
+    """Flush the log and the standard streams, then end the process without running interpreter teardown."""
+    logging.shutdown()
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(Exception):
+            stream.flush()
+    os._exit(status)
