@@ -204,6 +204,24 @@ def convert(src: Path, out: Path, *extra_args: str) -> Path:
     return Path(out)
 
 
+def run_commands(*commands: Sequence[Any], timeout: float = 300) -> list:
+    """Run each command (`python *command`, this checkout on PYTHONPATH, one thread per process) AT ONCE and return
+    their `subprocess.CompletedProcess`es in order: the commands' start-up (torch, transformers) is paid in parallel."""
+    import concurrent.futures
+    import os
+    import subprocess
+    import sys
+
+    env = dict(os.environ, PYTHONPATH=str(repo_code.REPO_ROOT), OMP_NUM_THREADS="1")
+
+    def run(command: Sequence[Any]) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, *map(str, command)], capture_output=True, text=True, env=env,
+                              timeout=timeout, stdin=subprocess.DEVNULL)  # fmt: skip
+
+    with concurrent.futures.ThreadPoolExecutor(len(commands)) as pool:
+        return list(pool.map(run, commands))
+
+
 def console_script(folder: Path, name: str) -> Path:
     """`folder/name`: the wrapper pip writes for pyproject.toml's `[project.scripts]` entry `name` (run it with
     `python folder/name`, this checkout on PYTHONPATH), so the console scripts can be tested without an install."""

@@ -1,23 +1,13 @@
 """The converter names itself as the user called it (issue 17 item 3): `siglip-navit-convert` (the console script)
 or `python convert_checkpoint.py` in its usage, examples, argument errors and the model card's command line."""
 
-import os
-import subprocess
-import sys
-
 import pytest
 
 from siglip_navit_tools import repo_code
-from siglip_navit_tools.testing import console_script
+from siglip_navit_tools.testing import console_script, run_commands
 from siglip_navit_tools.convert import cli as convert_cli
 
 ROOT = repo_code.REPO_ROOT
-
-
-def run(*command):
-    env = dict(os.environ, PYTHONPATH=str(ROOT))
-    return subprocess.run([sys.executable, *map(str, command)], capture_output=True, text=True, env=env, timeout=300,
-                          stdin=subprocess.DEVNULL)  # fmt: skip
 
 
 @pytest.mark.parametrize("how", ["console script", "file"])
@@ -28,11 +18,10 @@ def test_usage_examples_and_argument_errors_name_the_command_as_called(tmp_path,
     else:
         entry = ROOT / "convert_checkpoint.py"
         name, typed, other = "convert_checkpoint.py", "python convert_checkpoint.py", "siglip-navit-convert"
-    help_text = run(entry, "--help")
+    help_text, misuse = run_commands((entry, "--help"), (entry, "--src", "s", "--out", "o", "--private"))
     assert help_text.returncode == 0 and help_text.stdout.startswith(f"usage: {name} ")
     assert f"\n  {typed} --src /path/to/BAGEL-7B-MoT --out siglip-navit-bagel\n" in help_text.stdout
     assert other not in help_text.stdout
-    misuse = run(entry, "--src", "s", "--out", "o", "--private")
     assert misuse.returncode == 2 and f"{name}: error: --private and --revision only apply" in misuse.stderr
 
 

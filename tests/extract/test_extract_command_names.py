@@ -1,24 +1,16 @@
 """The extractor names itself as the user called it (issue 17 item 3): the console script `siglip-navit-extract`
 in its usage, help and error lines, `extract_features.py` when run as that file; its help prints each default once."""
 
-import os
 import re
-import subprocess
 import sys
 
 import pytest
 
 from siglip_navit_tools import repo_code
-from siglip_navit_tools.testing import console_script
+from siglip_navit_tools.testing import console_script, run_commands
 from siglip_navit_tools.extract import cli as extract_cli
 
 ROOT = repo_code.REPO_ROOT
-
-
-def run(*command):
-    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
-    return subprocess.run([sys.executable, *map(str, command)], capture_output=True, text=True, env=env, timeout=300,
-                          stdin=subprocess.DEVNULL)  # fmt: skip
 
 
 @pytest.mark.parametrize("how", ["console script", "file"])
@@ -26,9 +18,9 @@ def test_usage_help_and_errors_name_the_command_as_called(tmp_path, how):
     script = how == "console script"
     entry = console_script(tmp_path, "siglip-navit-extract") if script else ROOT / "extract_features.py"
     name = entry.name
-    help_text = run(entry, "--help")
+    misuse = ("--model", "m", "--input", "i", "--output", tmp_path / "o", "--max-patches-per-batch", "0")
+    help_text, refused = run_commands((entry, "--help"), (entry, *misuse))
     assert help_text.returncode == 0 and help_text.stdout.startswith(f"usage: {name} ")
-    refused = run(entry, "--model", "m", "--input", "i", "--output", tmp_path / "o", "--max-patches-per-batch", "0")
     assert refused.returncode == 2
     assert refused.stderr.strip().endswith(f"{name}: error: --max-patches-per-batch must be a positive number of "
                                            "patches, got 0")  # fmt: skip

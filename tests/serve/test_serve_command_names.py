@@ -1,33 +1,24 @@
 """The server names itself as the user called it: the console script `siglip-navit-serve` in its usage, help and
 error lines, `serve.py` when run as that file; its help prints each default once (as the other two commands)."""
 
-import os
 import re
-import subprocess
-import sys
 
 import pytest
 
 from siglip_navit_tools import repo_code
 from siglip_navit_tools.serve import cli as serve_cli
-from siglip_navit_tools.testing import console_script
+from siglip_navit_tools.testing import console_script, run_commands
 
 ROOT = repo_code.REPO_ROOT
-
-
-def run(*command):
-    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
-    return subprocess.run([sys.executable, *map(str, command)], capture_output=True, text=True, env=env, timeout=300,
-                          stdin=subprocess.DEVNULL)  # fmt: skip
 
 
 @pytest.mark.parametrize("how", ["console script", "file"])
 def test_usage_help_and_errors_name_the_command_as_called(tmp_path, how):
     entry = console_script(tmp_path, "siglip-navit-serve") if how == "console script" else ROOT / "serve.py"
     name = entry.name
-    help_text = run(entry, "--help")
+    misuse = ("--model", tmp_path / "m", "--max-patches-per-batch", "0")
+    help_text, refused = run_commands((entry, "--help"), (entry, *misuse))
     assert help_text.returncode == 0 and help_text.stdout.startswith(f"usage: {name} ")
-    refused = run(entry, "--model", tmp_path / "m", "--max-patches-per-batch", "0")
     assert refused.returncode == 2, refused.stderr
     assert f"{name}: error: --max-patches-per-batch must be a positive integer, got 0" in refused.stderr
     other = "serve.py" if how == "console script" else "siglip-navit-serve"
