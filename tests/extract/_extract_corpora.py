@@ -96,3 +96,31 @@ def assert_matches_reference(found: dict, ref: dict, grids: bool = True) -> None
         torch.testing.assert_close(pooled, ref[image_id][0], atol=1e-5, rtol=1e-5)
         if grids:
             torch.testing.assert_close(fmap, ref[image_id][2], atol=1e-5, rtol=1e-5)
+
+
+class CountingFile(io.RawIOBase):
+    """A file that counts the bytes read from it."""
+
+    def __init__(self, path):
+        self.file, self.read_bytes = open(path, "rb"), 0
+
+    def readable(self):
+        return True
+
+    def seekable(self):
+        return True
+
+    def seek(self, offset, whence=0):
+        return self.file.seek(offset, whence)
+
+    def tell(self):
+        return self.file.tell()
+
+    def readinto(self, buffer):
+        n = self.file.readinto(buffer)
+        self.read_bytes += n
+        return n
+
+    def close(self):
+        self.file.close()
+        super().close()

@@ -10,6 +10,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from _extract_corpora import (
+    CountingFile,
     assert_matches_reference,
     decoded,
     extract,
@@ -104,34 +105,6 @@ def test_bad_parquet_inputs_are_named_or_listed(model_dir, tmp_path, capsys):
     assert sorted(found) == ["a.parquet:0"] and [e["id"] for e in manifest["skipped"]] == ["0.parquet"]
     assert extract(model_dir, tmp_path / "0.parquet", tmp_path / "none") == 2
     assert "none readable as parquet" in capsys.readouterr().err
-
-
-class CountingFile(io.RawIOBase):
-    """A file that counts the bytes read from it."""
-
-    def __init__(self, path):
-        self.file, self.read_bytes = open(path, "rb"), 0
-
-    def readable(self):
-        return True
-
-    def seekable(self):
-        return True
-
-    def seek(self, offset, whence=0):
-        return self.file.seek(offset, whence)
-
-    def tell(self):
-        return self.file.tell()
-
-    def readinto(self, buffer):
-        n = self.file.readinto(buffer)
-        self.read_bytes += n
-        return n
-
-    def close(self):
-        self.file.close()
-        super().close()
 
 
 @pytest.mark.parametrize("kind", ["tar", "parquet"])

@@ -2,42 +2,14 @@
 a file written as ONE row group (240 x 40 KB images) yields its first row after reading a small part of it, and
 every row after that."""
 
-import io
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+from _extract_corpora import CountingFile
 
 from siglip_navit_tools.extract import parquet_input
 from siglip_navit_tools.extract.inputs import resolve_input
-
-
-class CountingFile(io.RawIOBase):
-    """A file that counts the bytes read from it."""
-
-    def __init__(self, path):
-        self.file, self.read_bytes = open(path, "rb"), 0
-
-    def readable(self):
-        return True
-
-    def seekable(self):
-        return True
-
-    def seek(self, offset, whence=0):
-        return self.file.seek(offset, whence)
-
-    def tell(self):
-        return self.file.tell()
-
-    def readinto(self, buffer):
-        n = self.file.readinto(buffer)
-        self.read_bytes += n
-        return n
-
-    def close(self):
-        self.file.close()
-        super().close()
 
 
 def test_one_row_group_file_is_read_page_by_page(tmp_path, monkeypatch):
