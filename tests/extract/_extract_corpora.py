@@ -124,3 +124,15 @@ class CountingFile(io.RawIOBase):
     def close(self):
         self.file.close()
         super().close()
+
+
+def counting_opens(monkeypatch, module) -> list:
+    """From now on `module.open_stream` opens a CountingFile; returns the list each one opened is appended to."""
+    opened = []
+
+    def counting_open(location):
+        opened.append(CountingFile(location))
+        return opened[-1]
+
+    monkeypatch.setattr(module, "open_stream", counting_open)
+    return opened

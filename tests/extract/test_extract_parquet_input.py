@@ -10,8 +10,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from _extract_corpora import (
-    CountingFile,
     assert_matches_reference,
+    counting_opens,
     decoded,
     extract,
     image_bytes,
@@ -118,14 +118,8 @@ def test_streamed_sources_read_a_member_or_row_group_at_a_time(tmp_path, monkeyp
         path = tmp_path / "big.parquet"
         pq.write_table(pa.table({"jpg": pa.array(blobs, pa.binary())}), str(path), row_group_size=2)
         module = parquet_input
-    opened = []
-
-    def counting_open(location):
-        opened.append(CountingFile(location))
-        return opened[-1]
-
     source = resolve_input(str(path))
-    monkeypatch.setattr(module, "open_stream", counting_open)
+    opened = counting_opens(monkeypatch, module)
     items = source.items(source.ids)
     first = next(items)
     assert first.payload is not None and first.error is None

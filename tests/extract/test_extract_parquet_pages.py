@@ -6,7 +6,7 @@ every row after that."""
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
-from _extract_corpora import CountingFile
+from _extract_corpora import counting_opens
 
 from siglip_navit_tools.extract import parquet_input
 from siglip_navit_tools.extract.inputs import resolve_input
@@ -17,14 +17,8 @@ def test_one_row_group_file_is_read_page_by_page(tmp_path, monkeypatch):
     path = tmp_path / "one-group.parquet"
     pq.write_table(pa.table({"jpg": pa.array(blobs, pa.binary())}), str(path), row_group_size=1000, write_batch_size=8)
     assert pq.ParquetFile(str(path)).metadata.num_row_groups == 1
-    opened = []
-
-    def counting_open(location):
-        opened.append(CountingFile(location))
-        return opened[-1]
-
     source = resolve_input(str(path))
-    monkeypatch.setattr(parquet_input, "open_stream", counting_open)
+    opened = counting_opens(monkeypatch, parquet_input)
     items = source.items(source.ids)
     first = next(items)
     assert first.payload == {"bytes": blobs[0], "path": None}
